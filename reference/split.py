@@ -1,0 +1,507 @@
+"""The spec of how two-batch overlap (TBO) splits a forward batch, in JAX.
+
+The rules are those of ``TBO_SEMANTICS.md`` (and ``docs/spec.md``). The arithmetic lives in
+pure ``jax.numpy`` functions over fixed-size arrays (padded, with a count of valid entries),
+so every rule can be ``jax.jit``-ed and ``jax.vmap``-ed over many batches at once. The named
+functions at the bottom are thin wrappers: they validate Python inputs (``ValueError`` naming
+the argument), pad them, call the pure functions and return Python ints.
+
+Shape letters: ``S`` = sequence slots of a padded batch (valid ones first, ``num_seqs`` of
+them; padded slots hold 0). Padded slots never change a result.
+
+Precision: the two-chunk test compares an integer with ``total * threshold``, exactly as the
+Python rule does in float64. The wrappers therefore run under ``jax.enable_x64(True)``;
+callers of the pure functions get bit-for-bit agreement at the threshold boundary only with
+x64 on (in float32, a sum that lands exactly on ``total * threshold`` may round either way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_THRESHOLD = 0.48
+
+
+class ForwardMode(enum.Enum):
+    """What a forward pass does. Only the first four take part in two-batch overlap."""
+
+    EXTEND = "extend"
+    DECODE = "decode"
+    TARGET_VERIFY = "target_verify"
+    IDLE = "idle"
+    # Modes an engine has that TBO does not split; they exist so validation can reject them.
+    MIXED = "mixed"
+    DRAFT_EXTEND = "draft_extend"
+
+
+TBO_MODES = (ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.IDLE)
+UNIFORM_MODES = (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY)  # a fixed token count per seq
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions over padded arrays (jit/vmap-able).
+# ---------------------------------------------------------------------------------------------
+
+
+def balanced_split_index(extend_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
+    """The balanced split of EXTEND: the walk of TBO_SEMANTICS, literally.
+
+    extend_lens: [S] int, valid entries first (all >= 1), padded with 0.
+    Walk i = 1 .. num_seqs-1 with left = sum(extend_lens[:i]) and diff = |left - (total-left)|;
+    keep the last i whose diff is <= the best so far, stop at the first larger diff.
+    Returns the kept i, or 0 when there is no i to walk (one sequence).
+    """
+    total = jnp.sum(extend_lens)
+    lefts = jnp.cumsum(extend_lens)[:-1]  # [S-1]: lefts[i-1] = sum(extend_lens[:i])
+    diffs = jnp.abs(2 * lefts - total)  # |left - (total - left)|
+    steps = jnp.arange(1, extend_lens.shape[0])  # [S-1]: the i of each step
+
+    def walk(carry, step):
+        best_index, best_diff, stopped = carry
+        i, diff = step
+        in_range = i < num_seqs
+        take = in_range & ~stopped & (diff <= best_diff)
+        stopped = stopped | (in_range & ~take)
+        return (
+            jnp.where(take, i, best_index),
+            jnp.where(take, diff, best_diff),
+            stopped,
+        ), None
+
+    start = (jnp.zeros((), steps.dtype), jnp.asarray(jnp.iinfo(diffs.dtype).max, diffs.dtype),
+             jnp.asarray(False))
+    (best_index, _, _), _ = jax.lax.scan(walk, start, (steps, diffs))
+    return best_index
+
+
+def is_two_chunk(extend_lens: jax.Array, num_seqs: jax.Array, threshold) -> jax.Array:
+    """Whether the balanced split is too lopsided, so the straddling sequence is cut in two."""
+    total = jnp.sum(extend_lens)
+    balanced = balanced_split_index(extend_lens, num_seqs)
+    left = jnp.sum(jnp.where(jnp.arange(extend_lens.shape[0]) < balanced, extend_lens, 0))
+    lo = total * threshold
+    hi = total * (1 - threshold)
+    return (left < lo) | (left > hi)
+
+
+def straddling_seq_index(extend_lens: jax.Array) -> jax.Array:
+    """Index of the first sequence at which the running sum exceeds total // 2."""
+    half = jnp.sum(extend_lens) // 2
+    # cumsum is non-decreasing, so the first index with cumsum > half is a searchsorted.
+    return jnp.searchsorted(jnp.cumsum(extend_lens), half, side="right")
+
+
+def extend_split_indices(extend_lens, num_seqs, threshold):
+    """EXTEND: (split_seq_index, split_token_index, two_chunk) for a padded batch."""
+    two_chunk = is_two_chunk(extend_lens, num_seqs, threshold)
+    balanced = balanced_split_index(extend_lens, num_seqs)
+    split_seq = jnp.where(two_chunk, straddling_seq_index(extend_lens), balanced)
+    before = jnp.sum(jnp.where(jnp.arange(extend_lens.shape[0]) < split_seq, extend_lens, 0))
+    split_token = jnp.where(two_chunk, jnp.sum(extend_lens) // 2, before)
+    return split_seq, split_token, two_chunk
+
+
+def uniform_split_indices(num_tokens, token_num_per_seq):
+    """DECODE / TARGET_VERIFY (and graph replay): cut the sequences in half."""
+    split_seq = (num_tokens // token_num_per_seq) // 2
+    return split_seq, split_seq * token_num_per_seq
+
+
+def children_num_token_non_padded(split_token_index, num_token_non_padded):
+    """Each child's count of real (non-padding) tokens: (min(split, n), max(0, n - split))."""
+    a = jnp.minimum(split_token_index, num_token_non_padded)
+    b = jnp.maximum(0, num_token_non_padded - split_token_index)
+    return a, b
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChildArrays:
+    """One child of a split, padded to the parent's S slots (valid slots first, the rest 0).
+
+    seq_start/seq_end, token_start/token_end: the child's ranges in the parent.
+    seq_lens, extend_seq_lens, extend_prefix_lens, extend_start_loc: [S], child-relative.
+    """
+
+    seq_start: jax.Array
+    seq_end: jax.Array
+    token_start: jax.Array
+    token_end: jax.Array
+    seq_lens: jax.Array
+    extend_seq_lens: jax.Array
+    extend_prefix_lens: jax.Array
+    extend_start_loc: jax.Array
+
+
+def _child_window(values, start, end):
+    """values[start:end] moved to the front of an [S] array, zeros after (shape-static)."""
+    slots = jnp.arange(values.shape[0])
+    src = start + slots
+    taken = jnp.take(values, jnp.clip(src, 0, values.shape[0] - 1))
+    return jnp.where(src < end, taken, 0)
+
+
+def _exclusive_cumsum(x):
+    return jnp.cumsum(x) - x
+
+
+def derive_extend_children(seq_lens, extend_lens, prefix_lens, num_seqs, threshold):
+    """EXTEND children, with the two-chunk re-derivation of the straddling sequence.
+
+    With s = split_seq, half = total // 2, left_last = half - sum(extend_lens[:s]):
+    A holds sequences [0, s+1) when two-chunk (else [0, s)) and its last sequence keeps
+    only left_last new tokens; B holds [s, num_seqs) and its first sequence starts
+    left_last tokens later (prefix += left_last) with seq_len unchanged.
+    """
+    split_seq, split_token, two_chunk = extend_split_indices(extend_lens, num_seqs, threshold)
+    total = jnp.sum(extend_lens)
+    left_last = split_token - jnp.sum(
+        jnp.where(jnp.arange(extend_lens.shape[0]) < split_seq, extend_lens, 0))
+    a_end = split_seq + two_chunk.astype(split_seq.dtype)
+
+    a_ext = _child_window(extend_lens, 0, a_end)
+    a_pre = _child_window(prefix_lens, 0, a_end)
+    a_last = (jnp.arange(a_ext.shape[0]) == split_seq) & two_chunk
+    a_ext = jnp.where(a_last, left_last, a_ext)
+    a = ChildArrays(
+        seq_start=jnp.zeros_like(split_seq), seq_end=a_end,
+        token_start=jnp.zeros_like(split_token), token_end=split_token,
+        seq_lens=a_pre + a_ext, extend_seq_lens=a_ext, extend_prefix_lens=a_pre,
+        extend_start_loc=_exclusive_cumsum(a_ext))
+
+    b_ext = _child_window(extend_lens, split_seq, num_seqs)
+    b_pre = _child_window(prefix_lens, split_seq, num_seqs)
+    b_first = (jnp.arange(b_ext.shape[0]) == 0) & two_chunk
+    b_ext = jnp.where(b_first, b_ext - left_last, b_ext)
+    b_pre = jnp.where(b_first, b_pre + left_last, b_pre)
+    b = ChildArrays(
+        seq_start=split_seq, seq_end=jnp.asarray(num_seqs, split_seq.dtype),
+        token_start=split_token, token_end=total,
+        seq_lens=_child_window(seq_lens, split_seq, num_seqs), extend_seq_lens=b_ext,
+        extend_prefix_lens=b_pre, extend_start_loc=_exclusive_cumsum(b_ext))
+    return a, b
+
+
+def derive_uniform_children(seq_lens, num_seqs, token_num_per_seq):
+    """DECODE / TARGET_VERIFY (and IDLE with 0 sequences): cut the sequence list in half."""
+    # bs // 2, the uniform rule written without dividing by token_num_per_seq (0 in IDLE).
+    split_seq = jnp.asarray(num_seqs // 2)
+    split_token = split_seq * token_num_per_seq
+    zeros = jnp.zeros_like(seq_lens)
+    a = ChildArrays(
+        seq_start=jnp.zeros_like(split_seq), seq_end=split_seq,
+        token_start=jnp.zeros_like(split_token), token_end=split_token,
+        seq_lens=_child_window(seq_lens, 0, split_seq),
+        extend_seq_lens=zeros, extend_prefix_lens=zeros, extend_start_loc=zeros)
+    b = ChildArrays(
+        seq_start=split_seq, seq_end=jnp.asarray(num_seqs, split_seq.dtype),
+        token_start=split_token, token_end=num_seqs * token_num_per_seq,
+        seq_lens=_child_window(seq_lens, split_seq, num_seqs),
+        extend_seq_lens=zeros, extend_prefix_lens=zeros, extend_start_loc=zeros)
+    return a, b
+
+
+def dp_tbo_decision(can_run, mode_codes):
+    """Data-parallel agreement over R ranks.
+
+    can_run: [R] bool; mode_codes: [R] int, -1 for an idle rank.
+    Returns (run_tbo, global_mode_code); the code is -1 when TBO does not run.
+    TBO runs iff every rank can run it, some rank is not idle, and all non-idle ranks agree.
+    """
+    busy = mode_codes >= 0
+    some_busy = jnp.any(busy)
+    first_busy = jnp.argmax(busy)  # index of the first non-idle rank (0 if none)
+    mode = mode_codes[first_busy]
+    agree = jnp.all(~busy | (mode_codes == mode))
+    run = jnp.all(can_run) & some_busy & agree
+    return run, jnp.where(run, mode, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Named wrappers: validate Python inputs, pad, call the pure functions, return Python ints.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_mode(forward_mode) -> ForwardMode:
+    if not isinstance(forward_mode, ForwardMode):
+        raise ValueError(f"forward_mode must be a ForwardMode, got {forward_mode!r}")
+    if forward_mode not in TBO_MODES:
+        raise ValueError(f"forward_mode {forward_mode.name} is not supported by two-batch overlap")
+    return forward_mode
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"threshold must be a number in (0, 0.5], got {threshold!r}")
+    if not 0 < threshold <= 0.5:
+        raise ValueError(f"threshold must be in (0, 0.5], got {threshold!r}")
+    return float(threshold)
+
+
+def _check_count(name: str, value, *, minimum: int = 0) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_lens(name: str, values, *, minimum: int) -> list:
+    if values is None:
+        raise ValueError(f"{name} is required")
+    values = list(values)
+    for v in values:
+        _check_count(name, v, minimum=minimum)
+    return values
+
+
+def _check_extend_lens(extend_lens) -> list:
+    lens = _check_lens("extend_lens", extend_lens, minimum=1)
+    if not lens:
+        raise ValueError("extend_lens must hold at least one sequence in EXTEND")
+    return lens
+
+
+def _check_uniform(mode, extend_lens, token_num_per_seq) -> int:
+    if extend_lens is not None:
+        raise ValueError(f"extend_lens must be None in {mode.name}")
+    return _check_count("token_num_per_seq", token_num_per_seq, minimum=1)
+
+
+def _check_idle(extend_lens, token_num_per_seq, *, allowed=(None, 0)) -> None:
+    if extend_lens is not None:
+        raise ValueError("extend_lens must be None in IDLE")
+    if token_num_per_seq not in allowed or isinstance(token_num_per_seq, bool):
+        raise ValueError(f"token_num_per_seq must be one of {allowed} in IDLE, "
+                         f"got {token_num_per_seq!r}")
+
+
+def _check_divisible(name, num_tokens, token_num_per_seq) -> None:
+    if num_tokens % token_num_per_seq:
+        raise ValueError(f"{name}={num_tokens} is not a multiple of "
+                         f"token_num_per_seq={token_num_per_seq}")
+
+
+def _bucket(n: int) -> int:
+    """Pad lengths to a power of two (>= 8) so jit compiles a handful of shapes, not one each."""
+    size = 8
+    while size < n:
+        size *= 2
+    return size
+
+
+def _padded(values, size=None):
+    size = _bucket(len(values)) if size is None else size
+    return jnp.asarray(list(values) + [0] * (size - len(values)), dtype=jnp.int64)
+
+
+_extend_split_jit = jax.jit(extend_split_indices)
+_is_two_chunk_jit = jax.jit(is_two_chunk)
+_derive_extend_jit = jax.jit(derive_extend_children)
+_derive_uniform_jit = jax.jit(derive_uniform_children)
+
+
+def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
+    """Tokens each sequence brings: 1 in DECODE, draft_token_num in TARGET_VERIFY, 0 in IDLE,
+    None in EXTEND (where it varies per sequence)."""
+    mode = _check_mode(forward_mode)
+    if draft_token_num is not None:
+        _check_count("draft_token_num", draft_token_num, minimum=1)
+    if mode is ForwardMode.TARGET_VERIFY:
+        if draft_token_num is None:
+            raise ValueError("draft_token_num is required in TARGET_VERIFY")
+        return draft_token_num
+    return {ForwardMode.DECODE: 1, ForwardMode.IDLE: 0, ForwardMode.EXTEND: None}[mode]
+
+
+def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per_seq,
+                            threshold=DEFAULT_THRESHOLD) -> int:
+    """Where child B's sequences start."""
+    mode = _check_mode(forward_mode)
+    threshold = _check_threshold(threshold)
+    _check_count("num_tokens", num_tokens)
+    if mode is ForwardMode.EXTEND:
+        lens = _check_extend_lens(extend_lens)
+        if token_num_per_seq is not None:
+            raise ValueError("token_num_per_seq must be None in EXTEND")
+        if num_tokens != sum(lens):
+            raise ValueError(f"num_tokens={num_tokens} != sum(extend_lens)={sum(lens)}")
+        with jax.enable_x64(True):
+            split_seq, _, _ = _extend_split_jit(_padded(lens), len(lens), threshold)
+            return int(split_seq)
+    if mode is ForwardMode.IDLE:
+        _check_idle(extend_lens, token_num_per_seq)
+        if num_tokens != 0:
+            raise ValueError(f"num_tokens must be 0 in IDLE, got {num_tokens}")
+        return 0
+    tnps = _check_uniform(mode, extend_lens, token_num_per_seq)
+    _check_divisible("num_tokens", num_tokens, tnps)
+    with jax.enable_x64(True):
+        return int(uniform_split_indices(jnp.int64(num_tokens), tnps)[0])
+
+
+def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_num_per_seq,
+                              threshold=DEFAULT_THRESHOLD) -> int:
+    """Where child B's tokens start."""
+    mode = _check_mode(forward_mode)
+    threshold = _check_threshold(threshold)
+    _check_count("split_seq_index", split_seq_index)
+    if mode is ForwardMode.EXTEND:
+        lens = _check_extend_lens(extend_lens)
+        if token_num_per_seq is not None:
+            raise ValueError("token_num_per_seq must be None in EXTEND")
+        if split_seq_index > len(lens):
+            raise ValueError(f"split_seq_index={split_seq_index} > number of sequences "
+                             f"{len(lens)}")
+        with jax.enable_x64(True):
+            padded = _padded(lens)
+            if bool(_is_two_chunk_jit(padded, len(lens), threshold)):
+                return int(jnp.sum(padded) // 2)
+            return int(jnp.sum(padded[:split_seq_index]))
+    if mode is ForwardMode.IDLE:
+        _check_idle(extend_lens, token_num_per_seq)
+        if split_seq_index != 0:
+            raise ValueError(f"split_seq_index must be 0 in IDLE, got {split_seq_index}")
+        return 0
+    tnps = _check_uniform(mode, extend_lens, token_num_per_seq)
+    return split_seq_index * tnps
+
+
+def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tokens,
+                                                token_num_per_seq) -> tuple:
+    """(split_seq, split_token) of a captured graph, from the graph's own token count.
+
+    (choice) IDLE replays as DECODE with one token per sequence.
+    """
+    mode = _check_mode(forward_mode)
+    _check_count("cuda_graph_num_tokens", cuda_graph_num_tokens)
+    if mode is ForwardMode.EXTEND:
+        raise ValueError("forward_mode EXTEND is not replayed from a CUDA graph")
+    if mode is ForwardMode.IDLE:
+        _check_idle(None, token_num_per_seq, allowed=(None, 0, 1))
+        tnps = 1
+    else:
+        tnps = _check_count("token_num_per_seq", token_num_per_seq, minimum=1)
+    _check_divisible("cuda_graph_num_tokens", cuda_graph_num_tokens, tnps)
+    with jax.enable_x64(True):
+        seq, tok = uniform_split_indices(jnp.int64(cuda_graph_num_tokens), tnps)
+        return int(seq), int(tok)
+
+
+def compute_children_num_token_non_padded(split_token_index, num_token_non_padded) -> tuple:
+    """(child A's, child B's) count of real tokens."""
+    _check_count("split_token_index", split_token_index)
+    _check_count("num_token_non_padded", num_token_non_padded)
+    with jax.enable_x64(True):
+        a, b = children_num_token_non_padded(jnp.int64(split_token_index),
+                                             jnp.int64(num_token_non_padded))
+        return int(a), int(b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """One child of a split, in Python values. Extend fields are None outside EXTEND."""
+
+    seq_range: tuple
+    token_range: tuple
+    seq_lens: tuple
+    extend_seq_lens: Optional[tuple]
+    extend_prefix_lens: Optional[tuple]
+    extend_start_loc: Optional[tuple]
+    extend_num_tokens: Optional[int]
+
+
+def _to_child(arrays: ChildArrays, extend: bool) -> Child:
+    arrays = jax.device_get(arrays)  # one transfer, then plain numpy
+    start, end = int(arrays.seq_start), int(arrays.seq_end)
+    n = end - start
+
+    def first(values):
+        return tuple(values[:n].tolist())
+
+    return Child(
+        seq_range=(start, end),
+        token_range=(int(arrays.token_start), int(arrays.token_end)),
+        seq_lens=first(arrays.seq_lens),
+        extend_seq_lens=first(arrays.extend_seq_lens) if extend else None,
+        extend_prefix_lens=first(arrays.extend_prefix_lens) if extend else None,
+        extend_start_loc=first(arrays.extend_start_loc) if extend else None,
+        extend_num_tokens=int(arrays.extend_seq_lens.sum()) if extend else None,
+    )
+
+
+def _check_extend_batch(seq_lens, extend_lens, extend_prefix_lens):
+    lens = _check_extend_lens(extend_lens)
+    if len(seq_lens) != len(lens):
+        raise ValueError(f"seq_lens has {len(seq_lens)} entries, extend_lens {len(lens)}")
+    if extend_prefix_lens is None:
+        prefix = [s - e for s, e in zip(seq_lens, lens)]
+        _check_lens("seq_lens", prefix, minimum=0)  # seq_lens shorter than extend_lens
+    else:
+        prefix = _check_lens("extend_prefix_lens", extend_prefix_lens, minimum=0)
+        if len(prefix) != len(lens):
+            raise ValueError(f"extend_prefix_lens has {len(prefix)} entries, "
+                             f"extend_lens {len(lens)}")
+        if any(s != p + e for s, p, e in zip(seq_lens, prefix, lens)):
+            raise ValueError("seq_lens must equal extend_prefix_lens + extend_lens")
+    return lens, prefix
+
+
+def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens=None,
+                    token_num_per_seq=None, threshold=DEFAULT_THRESHOLD) -> tuple:
+    """The two children (A, B) of a batch, per the rules of TBO_SEMANTICS."""
+    mode = _check_mode(forward_mode)
+    threshold = _check_threshold(threshold)
+    seq_lens = _check_lens("seq_lens", seq_lens, minimum=1)
+    if mode is ForwardMode.EXTEND:
+        if token_num_per_seq is not None:
+            raise ValueError("token_num_per_seq must be None in EXTEND")
+        lens, prefix = _check_extend_batch(seq_lens, extend_lens, extend_prefix_lens)
+        size = _bucket(len(lens))
+        with jax.enable_x64(True):
+            a, b = _derive_extend_jit(_padded(seq_lens, size), _padded(lens, size),
+                                      _padded(prefix, size), len(lens), threshold)
+            return _to_child(a, True), _to_child(b, True)
+    if extend_prefix_lens is not None:
+        raise ValueError(f"extend_prefix_lens must be None in {mode.name}")
+    if mode is ForwardMode.IDLE:
+        _check_idle(extend_lens, token_num_per_seq)
+        if seq_lens:
+            raise ValueError(f"seq_lens must be empty in IDLE, got {len(seq_lens)} entries")
+        tnps = 0
+    else:
+        tnps = _check_uniform(mode, extend_lens, token_num_per_seq)
+    with jax.enable_x64(True):
+        a, b = _derive_uniform_jit(_padded(seq_lens), len(seq_lens), tnps)
+        return _to_child(a, False), _to_child(b, False)
+
+
+def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
+    """(run_tbo, global_mode) for data-parallel ranks reporting (can_run_tbo, mode or None).
+
+    An idle rank reports mode None (ForwardMode.IDLE is taken as idle too). A rank that says it
+    can run TBO must report a mode TBO supports.
+    """
+    ranks = list(per_rank)
+    if not ranks:
+        raise ValueError("per_rank must hold at least one rank")
+    codes, can_run = [], []
+    for can, mode in ranks:
+        if not isinstance(can, bool):
+            raise ValueError(f"per_rank: can_run_tbo must be a bool, got {can!r}")
+        if mode is not None and not isinstance(mode, ForwardMode):
+            raise ValueError(f"per_rank: mode must be a ForwardMode or None, got {mode!r}")
+        if can and mode is not None and mode not in TBO_MODES:
+            raise ValueError(f"per_rank: a rank that can run TBO reports {mode.name}")
+        idle = mode is None or mode is ForwardMode.IDLE
+        codes.append(-1 if idle else list(ForwardMode).index(mode))
+        can_run.append(can)
+    run, code = dp_tbo_decision(jnp.asarray(can_run), jnp.asarray(codes))
+    return bool(run), (list(ForwardMode)[int(code)] if bool(run) else None)

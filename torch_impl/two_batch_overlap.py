@@ -1,0 +1,269 @@
+"""Two-batch overlap: where a batch is cut, what its two children hold, and when TBO runs.
+
+The PyTorch twin of ``reference/split.py``: the same six functions with the same signatures,
+computed the way an engine does on the host (plain Python integers over the batch's CPU
+copies). ``TboForwardBatchPreparer`` (in ``batch_splitter.py``) turns these numbers into two
+child ``ForwardBatch``es.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from torch_impl import split_rules as rules
+from torch_impl.forward_mode import TBO_MODES, ForwardMode
+
+DEFAULT_THRESHOLD = 0.48
+
+__all__ = [
+    "DEFAULT_THRESHOLD", "ForwardMode", "TboChild", "token_num_per_seq",
+    "compute_split_seq_index", "compute_split_token_index",
+    "compute_split_indices_for_cuda_graph_replay", "compute_children_num_token_non_padded",
+    "derive_children", "compute_dp_tbo_decision",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Split math on Python ints (inputs already validated).
+# ---------------------------------------------------------------------------------------------
+
+
+def _balanced_split(lens: list) -> int:
+    """The last i whose |left - right| is <= the best so far; stop at the first larger one."""
+    total, left = sum(lens), 0
+    best_index, best_diff = 0, None
+    for i in range(1, len(lens)):
+        left += lens[i - 1]
+        diff = abs(left - (total - left))
+        if best_diff is not None and diff > best_diff:
+            break
+        best_index, best_diff = i, diff
+    return best_index
+
+
+def _two_chunk(lens: list, threshold: float) -> bool:
+    total = sum(lens)
+    left = sum(lens[:_balanced_split(lens)])
+    return left < total * threshold or left > total * (1 - threshold)
+
+
+def _straddling_seq(lens: list) -> int:
+    """The first sequence at which the running sum exceeds total // 2."""
+    half, running = sum(lens) // 2, 0
+    for i, n in enumerate(lens):
+        running += n
+        if running > half:
+            return i
+    raise AssertionError("unreachable: the running sum reaches total > total // 2")
+
+
+def _extend_split(lens: list, threshold: float) -> tuple:
+    """(split_seq_index, split_token_index, two_chunk) of an EXTEND batch."""
+    if _two_chunk(lens, threshold):
+        return _straddling_seq(lens), sum(lens) // 2, True
+    split_seq = _balanced_split(lens)
+    return split_seq, sum(lens[:split_seq]), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The named functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
+    """1 in DECODE, draft_token_num in TARGET_VERIFY, 0 in IDLE, None in EXTEND."""
+    mode = rules.check_mode(forward_mode)
+    if draft_token_num is not None:
+        rules.check_count("draft_token_num", draft_token_num, 1)
+    if mode is ForwardMode.TARGET_VERIFY:
+        if draft_token_num is None:
+            raise ValueError("draft_token_num is required in TARGET_VERIFY")
+        return draft_token_num
+    if mode is ForwardMode.DECODE:
+        return 1
+    return 0 if mode is ForwardMode.IDLE else None
+
+
+def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per_seq,
+                            threshold=DEFAULT_THRESHOLD) -> int:
+    """Where child B's sequences start."""
+    mode = rules.check_mode(forward_mode)
+    threshold = rules.check_threshold(threshold)
+    rules.check_count("num_tokens", num_tokens)
+    if mode.is_extend():
+        lens = rules.check_extend_lens(extend_lens)
+        rules.check_no_token_num_per_seq(token_num_per_seq)
+        if num_tokens != sum(lens):
+            raise ValueError(f"num_tokens={num_tokens} != sum(extend_lens)={sum(lens)}")
+        return _extend_split(lens, threshold)[0]
+    if mode.is_idle():
+        rules.check_idle(extend_lens, token_num_per_seq)
+        if num_tokens != 0:
+            raise ValueError(f"num_tokens must be 0 in IDLE, got {num_tokens}")
+        return 0
+    tnps = rules.check_uniform(mode, extend_lens, token_num_per_seq)
+    rules.check_divisible("num_tokens", num_tokens, tnps)
+    return (num_tokens // tnps) // 2
+
+
+def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_num_per_seq,
+                              threshold=DEFAULT_THRESHOLD) -> int:
+    """Where child B's tokens start."""
+    mode = rules.check_mode(forward_mode)
+    threshold = rules.check_threshold(threshold)
+    rules.check_count("split_seq_index", split_seq_index)
+    if mode.is_extend():
+        lens = rules.check_extend_lens(extend_lens)
+        rules.check_no_token_num_per_seq(token_num_per_seq)
+        if split_seq_index > len(lens):
+            raise ValueError(f"split_seq_index={split_seq_index} > number of sequences "
+                             f"{len(lens)}")
+        if _two_chunk(lens, threshold):
+            return sum(lens) // 2
+        return sum(lens[:split_seq_index])
+    if mode.is_idle():
+        rules.check_idle(extend_lens, token_num_per_seq)
+        if split_seq_index != 0:
+            raise ValueError(f"split_seq_index must be 0 in IDLE, got {split_seq_index}")
+        return 0
+    return split_seq_index * rules.check_uniform(mode, extend_lens, token_num_per_seq)
+
+
+def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tokens,
+                                                token_num_per_seq) -> tuple:
+    """(split_seq, split_token) from the captured graph's token count, not the real batch's.
+
+    (choice) IDLE replays as DECODE with one token per sequence.
+    """
+    mode = rules.check_mode(forward_mode)
+    rules.check_count("cuda_graph_num_tokens", cuda_graph_num_tokens)
+    if mode.is_extend():
+        raise ValueError("forward_mode EXTEND is not replayed from a CUDA graph")
+    if mode.is_idle():
+        rules.check_idle(None, token_num_per_seq, allowed=(None, 0, 1))
+        tnps = 1
+    else:
+        tnps = rules.check_count("token_num_per_seq", token_num_per_seq, 1)
+    rules.check_divisible("cuda_graph_num_tokens", cuda_graph_num_tokens, tnps)
+    split_seq = (cuda_graph_num_tokens // tnps) // 2
+    return split_seq, split_seq * tnps
+
+
+def compute_children_num_token_non_padded(split_token_index, num_token_non_padded) -> tuple:
+    """(child A's, child B's) count of real tokens; padding rows sit at the end of the parent."""
+    rules.check_count("split_token_index", split_token_index)
+    rules.check_count("num_token_non_padded", num_token_non_padded)
+    return (min(split_token_index, num_token_non_padded),
+            max(0, num_token_non_padded - split_token_index))
+
+
+@dataclasses.dataclass(frozen=True)
+class TboChild:
+    """One child of a split. Ranges index the parent; extend fields are None outside EXTEND,
+    and ``extend_start_loc`` is child-relative (choice)."""
+
+    seq_range: tuple
+    token_range: tuple
+    seq_lens: tuple
+    extend_seq_lens: Optional[tuple]
+    extend_prefix_lens: Optional[tuple]
+    extend_start_loc: Optional[tuple]
+    extend_num_tokens: Optional[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_range[1] - self.token_range[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq_range[1] - self.seq_range[0]
+
+
+def _start_locs(lens: list) -> tuple:
+    locs, running = [], 0
+    for n in lens:
+        locs.append(running)
+        running += n
+    return tuple(locs)
+
+
+def _extend_child(seq_range, token_range, seq_lens, extend_lens, prefix_lens) -> TboChild:
+    return TboChild(seq_range, token_range, tuple(seq_lens), tuple(extend_lens),
+                    tuple(prefix_lens), _start_locs(extend_lens), sum(extend_lens))
+
+
+def _extend_children(seq_lens, lens, prefix, threshold) -> tuple:
+    split_seq, split_token, two_chunk = _extend_split(lens, threshold)
+    bs, total = len(lens), sum(lens)
+    if not two_chunk:
+        a = _extend_child((0, split_seq), (0, split_token), seq_lens[:split_seq],
+                          lens[:split_seq], prefix[:split_seq])
+        b = _extend_child((split_seq, bs), (split_token, total), seq_lens[split_seq:],
+                          lens[split_seq:], prefix[split_seq:])
+        return a, b
+    # Two-chunk: the straddling sequence s is cut; A keeps its first left_last new tokens,
+    # B the rest, on top of a prefix that now includes what A writes in this same pass.
+    s = split_seq
+    left_last = split_token - sum(lens[:s])
+    a_lens = lens[:s] + [left_last]
+    a_prefix = prefix[:s + 1]
+    a = _extend_child((0, s + 1), (0, split_token),
+                      [p + n for p, n in zip(a_prefix, a_lens)], a_lens, a_prefix)
+    b_lens = [lens[s] - left_last] + lens[s + 1:]
+    b_prefix = [prefix[s] + left_last] + prefix[s + 1:]
+    b = _extend_child((s, bs), (split_token, total), seq_lens[s:], b_lens, b_prefix)
+    return a, b
+
+
+def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens=None,
+                    token_num_per_seq=None, threshold=DEFAULT_THRESHOLD) -> tuple:
+    """The two children (A, B) of a batch with these per-sequence lengths."""
+    mode = rules.check_mode(forward_mode)
+    threshold = rules.check_threshold(threshold)
+    seq_lens = rules.check_lens("seq_lens", seq_lens, 1)
+    if mode.is_extend():
+        rules.check_no_token_num_per_seq(token_num_per_seq)
+        lens, prefix = rules.check_extend_batch(seq_lens, extend_lens, extend_prefix_lens)
+        return _extend_children(seq_lens, lens, prefix, threshold)
+    if extend_prefix_lens is not None:
+        raise ValueError(f"extend_prefix_lens must be None in {mode.name}")
+    if mode.is_idle():
+        rules.check_idle(extend_lens, token_num_per_seq)
+        if seq_lens:
+            raise ValueError(f"seq_lens must be empty in IDLE, got {len(seq_lens)} entries")
+        tnps = 0
+    else:
+        tnps = rules.check_uniform(mode, extend_lens, token_num_per_seq)
+    bs = len(seq_lens)
+    split_seq = bs // 2
+    a = TboChild((0, split_seq), (0, split_seq * tnps), tuple(seq_lens[:split_seq]),
+                 None, None, None, None)
+    b = TboChild((split_seq, bs), (split_seq * tnps, bs * tnps), tuple(seq_lens[split_seq:]),
+                 None, None, None, None)
+    return a, b
+
+
+def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
+    """(run_tbo, global_mode) from each data-parallel rank's (can_run_tbo, mode or None).
+
+    TBO runs only if every rank can run it, some rank is not idle, and all non-idle ranks
+    report the same mode, which becomes the global mode. An idle rank reports None
+    (ForwardMode.IDLE is taken as idle too).
+    """
+    ranks = list(per_rank)
+    if not ranks:
+        raise ValueError("per_rank must hold at least one rank")
+    busy_modes = set()
+    for can_run, mode in ranks:
+        if not isinstance(can_run, bool):
+            raise ValueError(f"per_rank: can_run_tbo must be a bool, got {can_run!r}")
+        if mode is not None and not isinstance(mode, ForwardMode):
+            raise ValueError(f"per_rank: mode must be a ForwardMode or None, got {mode!r}")
+        if can_run and mode is not None and mode not in TBO_MODES:
+            raise ValueError(f"per_rank: a rank that can run TBO reports {mode.name}")
+        if mode is not None and not mode.is_idle():
+            busy_modes.add(mode)
+    if all(can for can, _ in ranks) and len(busy_modes) == 1:
+        return True, busy_modes.pop()
+    return False, None
