@@ -1,0 +1,271 @@
+"""Model parity: the PyTorch model (plain and TBO) against the JAX spec, on one scenario.
+
+A ``ModelCase`` describes a batch over a KV cache that already holds each sequence's prefix.
+``build_world`` turns it into concrete arrays (numpy): a request-to-token table whose slots are
+a random permutation of the pool, a pool filled with random keys/values (so every read through
+the table is real and every stale read shows), token ids, positions, the tree mask. Both sides
+run from the same arrays and the same weights.
+
+Errors are ``max|x - y| / max|y|`` per tensor (relative to the tensor's scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from reference import model as ref_model
+from reference import operations as ref_ops
+from reference import split as spec
+from reference.weights import ModelConfig as RefConfig
+from reference.weights import init_weights
+from torch_impl.attention import TboAttnBackend
+from torch_impl.batch_splitter import TboForwardBatchPreparer
+from torch_impl.config import ModelConfig as TorchConfig
+from torch_impl.forward_batch import ForwardBatch, VerifyInput
+from torch_impl.forward_mode import ForwardMode
+from torch_impl.kv_cache import KVPool
+from torch_impl.model import MoEModel
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# The JAX spec runs on the CPU, jitted per shape with a quick compile: a tiny model gains
+# nothing from XLA's optimisation passes, and compile time dominates a parity run.
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
+                    xla_cpu_use_fusion_emitters=False)
+_STATIC = ("cfg", "mode", "draft_token_num")
+_jit_forward = jax.jit(ref_model.forward, static_argnames=_STATIC,
+                       compiler_options=FAST_COMPILE)
+_jit_forward_tbo = jax.jit(ref_ops.forward_tbo, static_argnames=_STATIC + ("children",
+                                                                             "executor"),
+                           compiler_options=FAST_COMPILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A batch to run. ``prefix_lens``: tokens already cached per sequence (for DECODE the
+    new token lands after them; for TARGET_VERIFY they are the committed tokens)."""
+
+    mode: str
+    prefix_lens: tuple
+    extend_lens: Optional[tuple] = None  # EXTEND
+    draft_token_num: Optional[int] = None  # TARGET_VERIFY
+    tree: bool = False  # TARGET_VERIFY: a random draft tree instead of a chain
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class World:
+    """Concrete arrays of a case (numpy), shared by both sides."""
+
+    case: ModelCase
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    out_cache_loc: np.ndarray  # [T]
+    req_pool_indices: np.ndarray  # [B]
+    seq_lens: np.ndarray  # [B]
+    extend_lens: Optional[np.ndarray]
+    prefix_lens: Optional[np.ndarray]
+    custom_mask: Optional[np.ndarray]  # [M] bool
+    req_to_token: np.ndarray  # [R, L]
+    k_pool: np.ndarray  # [layers, P, N, D]
+    v_pool: np.ndarray
+    num_token_non_padded: int
+
+
+def _draft_tree(rng, d: int, tree: bool) -> tuple:
+    """(visible [d, d] bool, depth [d]) of a chain or a random tree rooted at draft 0."""
+    parent = [-1] + [int(rng.integers(0, r)) if tree else r - 1 for r in range(1, d)]
+    visible, depth = np.eye(d, dtype=bool), np.zeros(d, dtype=np.int64)
+    for r in range(1, d):
+        visible[r] |= visible[parent[r]]
+        depth[r] = depth[parent[r]] + 1
+    return visible, depth
+
+
+def build_world(case: ModelCase, cfg: RefConfig) -> World:
+    rng = np.random.default_rng(case.seed)
+    prefix = list(case.prefix_lens)
+    bs = len(prefix)
+    if case.mode == "EXTEND":
+        new = list(case.extend_lens)
+    else:
+        new = [1 if case.mode == "DECODE" else case.draft_token_num] * bs
+    width = max((p + n for p, n in zip(prefix, new)), default=0) + 1
+    rows = rng.permutation(bs + 2)[:bs]  # req pool rows, not in sequence order
+    table = np.zeros((bs + 2, width), dtype=np.int64)
+    slots = rng.permutation(bs * width + 5)  # P slots; some never used
+    table[rows] = slots[:bs * width].reshape(bs, width)
+    ids, positions, locs, masks = [], [], [], []
+    for s in range(bs):
+        columns = np.arange(prefix[s], prefix[s] + new[s])
+        locs.append(table[rows[s], columns])
+        ids.append(rng.integers(0, cfg.vocab_size, size=new[s]))
+        if case.mode == "TARGET_VERIFY":
+            visible, depth = _draft_tree(rng, new[s], case.tree)
+            block = np.concatenate([np.ones((new[s], prefix[s]), bool), visible], axis=1)
+            masks.append(block.reshape(-1))
+            positions.append(prefix[s] + depth)
+        else:
+            positions.append(columns)
+    seq_lens = np.asarray([p + (n if case.mode != "TARGET_VERIFY" else 0)
+                           for p, n in zip(prefix, new)], dtype=np.int64)
+    pool_shape = (cfg.num_layers, len(slots), cfg.num_heads, cfg.head_dim)
+
+    def flat(parts):
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    return World(
+        case=case, input_ids=flat(ids), positions=flat(positions),
+        out_cache_loc=flat(locs), req_pool_indices=rows.astype(np.int64),
+        seq_lens=seq_lens,
+        extend_lens=np.asarray(new) if case.mode == "EXTEND" else None,
+        prefix_lens=np.asarray(prefix) if case.mode == "EXTEND" else None,
+        custom_mask=np.concatenate(masks) if masks else None,
+        req_to_token=table, k_pool=rng.normal(size=pool_shape).astype(np.float32),
+        v_pool=rng.normal(size=pool_shape).astype(np.float32),
+        num_token_non_padded=int(sum(new)))
+
+
+def pad_world(world: World, num_padding: int) -> World:
+    """The world with ``num_padding`` padding sequences appended, as a CUDA graph of a larger
+    batch pads a DECODE/TARGET_VERIFY batch: each padding sequence has one cached token, reads
+    a dummy table row and writes a dummy slot (a new last slot of the pool), token id 0.
+    ``num_token_non_padded`` stays the real count."""
+    case = world.case
+    if case.mode not in ("DECODE", "TARGET_VERIFY"):
+        raise ValueError(f"padding applies to DECODE and TARGET_VERIFY, not {case.mode}")
+    per_seq = 1 if case.mode == "DECODE" else case.draft_token_num
+    dummy_slot = world.k_pool.shape[1]
+    width = max(world.req_to_token.shape[1], 1 + per_seq)
+    table = np.full((world.req_to_token.shape[0] + 1, width), dummy_slot, np.int64)
+    table[:-1, :world.req_to_token.shape[1]] = world.req_to_token
+    padded_tokens = num_padding * per_seq
+    mask = None
+    if world.custom_mask is not None:
+        mask = np.concatenate([world.custom_mask,
+                               np.ones(num_padding * per_seq * (1 + per_seq), bool)])
+
+    def grow(pool):
+        return np.concatenate([pool, np.zeros_like(pool[:, :1])], axis=1)
+
+    return dataclasses.replace(
+        world,
+        input_ids=np.concatenate([world.input_ids, np.zeros(padded_tokens, np.int64)]),
+        positions=np.concatenate([world.positions, np.zeros(padded_tokens, np.int64)]),
+        out_cache_loc=np.concatenate([world.out_cache_loc,
+                                      np.full(padded_tokens, dummy_slot, np.int64)]),
+        req_pool_indices=np.concatenate([world.req_pool_indices,
+                                         np.full(num_padding, table.shape[0] - 1, np.int64)]),
+        seq_lens=np.concatenate([world.seq_lens, np.ones(num_padding, np.int64)]),
+        custom_mask=mask, req_to_token=table, k_pool=grow(world.k_pool),
+        v_pool=grow(world.v_pool))
+
+
+# --- running each side -----------------------------------------------------------------------
+
+
+def run_jax(world: World, cfg: RefConfig, weights: dict, *, tbo: bool = False,
+            executor=None) -> dict:
+    """The JAX spec's outputs (plain, or TBO through reference.split's children)."""
+    case = world.case
+
+    def i32(x):
+        return None if x is None else jnp.asarray(x, jnp.int32)
+
+    inputs = ref_model.ModelInputs(
+        input_ids=i32(world.input_ids), positions=i32(world.positions),
+        out_cache_loc=i32(world.out_cache_loc), req_pool_indices=i32(world.req_pool_indices),
+        seq_lens=i32(world.seq_lens), extend_prefix_lens=i32(world.prefix_lens),
+        extend_seq_lens=i32(world.extend_lens),
+        custom_mask=None if world.custom_mask is None else jnp.asarray(world.custom_mask),
+        req_to_token=i32(world.req_to_token),
+        num_token_non_padded=jnp.int32(world.num_token_non_padded))
+    kwargs = dict(cfg=cfg, mode=case.mode, draft_token_num=case.draft_token_num)
+    if tbo:
+        mode = spec.ForwardMode[case.mode]
+        children = spec.derive_children(
+            mode, world.seq_lens.tolist(),
+            None if world.extend_lens is None else world.extend_lens.tolist(),
+            None if world.prefix_lens is None else world.prefix_lens.tolist(),
+            spec.token_num_per_seq(mode, case.draft_token_num))
+        extra = {} if executor is None else {"executor": executor}
+        out = _jit_forward_tbo(weights, inputs, world.k_pool, world.v_pool,
+                               children=children, **kwargs, **extra)
+    else:
+        out = _jit_forward(weights, inputs, world.k_pool, world.v_pool, **kwargs)
+    out = jax.device_get(out)
+    return {"hidden": np.asarray(out.hidden), "logits": np.asarray(out.logits),
+            "k_pool": np.asarray(out.k_pool), "v_pool": np.asarray(out.v_pool),
+            "expert_load": np.asarray(out.expert_load)}
+
+
+def torch_batch(world: World, *, dtype, device) -> ForwardBatch:
+    case = world.case
+
+    def t(x):  # a copy: a run must never write into the world's arrays
+        return None if x is None else torch.tensor(x, device=device)
+
+    seq_lens = torch.tensor(world.seq_lens)
+    batch = ForwardBatch(
+        forward_mode=ForwardMode[case.mode], batch_size=len(world.seq_lens),
+        input_ids=t(world.input_ids), positions=t(world.positions),
+        out_cache_loc=t(world.out_cache_loc), req_pool_indices=t(world.req_pool_indices),
+        seq_lens=seq_lens.to(device), seq_lens_cpu=seq_lens,
+        num_token_non_padded=world.num_token_non_padded, req_to_token=t(world.req_to_token),
+        kv_pool=KVPool(t(world.k_pool).to(dtype), t(world.v_pool).to(dtype)))
+    if case.mode == "EXTEND":
+        lens, prefix = torch.tensor(world.extend_lens), torch.tensor(world.prefix_lens)
+        batch.extend_seq_lens, batch.extend_seq_lens_cpu = lens.to(device), lens
+        batch.extend_prefix_lens, batch.extend_prefix_lens_cpu = prefix.to(device), prefix
+        batch.extend_start_loc = (torch.cumsum(lens, 0) - lens).to(device)
+        batch.extend_num_tokens = int(lens.sum())
+    if case.mode == "TARGET_VERIFY":
+        batch.spec_info = VerifyInput(
+            draft_token_num=case.draft_token_num, draft_tokens=t(world.input_ids),
+            positions=t(world.positions), custom_mask=t(world.custom_mask))
+    return batch
+
+
+def run_torch(world: World, model: MoEModel, *, tbo: bool, dtype=torch.float32,
+              device="cpu", executor=None) -> dict:
+    """The PyTorch model's outputs, plain or with two-batch overlap."""
+    batch = torch_batch(world, dtype=dtype, device=device)
+    backend = TboAttnBackend()
+    if tbo:
+        batch = TboForwardBatchPreparer().prepare(batch)
+    backend.init_forward_metadata(batch)
+    out = model(batch, backend)
+    pool = batch.kv_pool
+    return {name: value.float().cpu().numpy() for name, value in (
+        ("hidden", out.hidden), ("logits", out.logits), ("k_pool", pool.k),
+        ("v_pool", pool.v))} | {"expert_load": out.expert_load.cpu().numpy()}
+
+
+def make_models(seed: int = 0, *, dtype=torch.float32, device="cpu", **overrides) -> tuple:
+    """(JAX config, torch config, numpy weights, torch model) from one set of fields."""
+    ref_cfg = RefConfig(**overrides)
+    torch_cfg = TorchConfig(**dataclasses.asdict(ref_cfg))
+    weights = init_weights(ref_cfg, seed)
+    return ref_cfg, torch_cfg, weights, MoEModel(torch_cfg, weights, dtype=dtype, device=device)
+
+
+OUTPUTS = ("hidden", "logits", "k_pool", "v_pool")
+
+
+def relative_errors(got: dict, want: dict, rows: Optional[slice] = None,
+                    names=OUTPUTS) -> dict:
+    """max|got - want| / max|want| for each float output (rows: token rows to compare)."""
+    errors = {}
+    for name in names:
+        x, y = got[name].astype(np.float64), want[name].astype(np.float64)
+        if rows is not None and name in ("hidden", "logits"):
+            x, y = x[rows], y[rows]
+        scale = max(float(np.abs(y).max(initial=0.0)), 1e-30)
+        errors[name] = float(np.abs(x - y).max(initial=0.0)) / scale
+    return errors

@@ -1,0 +1,136 @@
+"""Output parity of the MoE model: torch TBO == torch plain == JAX spec, per mode.
+
+Compared: final hidden states, logits, and the whole KV pool after the pass (written slots and
+untouched ones), plus the per-expert load. float32 bound: max relative error <= 1e-5 (errors
+measured on CPU are ~1e-6: reduction order differs between XLA and PyTorch kernels, and
+between a micro-batch's matmul and the whole batch's; docs/gpu-results.md records GPU runs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from parity_tests.model_parity import (ModelCase, build_world, make_models, pad_world,
+                                       relative_errors, run_jax, run_torch)
+from torch_impl import overlap
+
+F32_BOUND = 1e-5
+
+CASES = {
+    "extend-balanced": ModelCase("EXTEND", (0, 4, 0, 7), (6, 4, 5, 5)),
+    "extend-two-chunk-prefixed": ModelCase("EXTEND", (4, 6), (3, 20), seed=1),
+    "extend-one-sequence": ModelCase("EXTEND", (9,), (17,), seed=2),
+    "extend-skewed": ModelCase("EXTEND", (3, 0, 5, 1, 2), (2, 1, 40, 1, 3), seed=3),
+    "extend-empty-piece": ModelCase("EXTEND", (2, 0), (1, 2), seed=4),
+    "decode": ModelCase("DECODE", (5, 9, 3, 7, 2), seed=5),
+    "decode-one-sequence": ModelCase("DECODE", (6,), seed=6),
+    "target-verify-chain": ModelCase("TARGET_VERIFY", (5, 9, 3, 4), draft_token_num=3, seed=7),
+    "target-verify-tree": ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=4, tree=True,
+                                    seed=8),
+}
+PADDED = {"decode-padded": (ModelCase("DECODE", (5, 9, 3), seed=9), 2),
+          "target-verify-padded": (ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=2,
+                                              seed=10), 3)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return make_models(seed=0)
+
+
+def _assert_close(got, want, bound, what):
+    errors = relative_errors(got, want)
+    assert max(errors.values()) <= bound, f"{what}: {errors}"
+    np.testing.assert_array_equal(got["expert_load"], want["expert_load"], err_msg=what)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_tbo_matches_plain_matches_jax(models, case):
+    ref_cfg, _, weights, model = models
+    world = build_world(case, ref_cfg)
+    spec_out = run_jax(world, ref_cfg, weights)
+    plain = run_torch(world, model, tbo=False)
+    tbo = run_torch(world, model, tbo=True)
+    _assert_close(plain, spec_out, F32_BOUND, "torch plain vs JAX")
+    _assert_close(tbo, plain, F32_BOUND, "torch TBO vs torch plain")
+    _assert_close(tbo, spec_out, F32_BOUND, "torch TBO vs JAX")
+
+
+@pytest.mark.parametrize("case,num_padding", PADDED.values(), ids=PADDED.keys())
+def test_padded_batch_tbo_matches_plain_matches_jax(models, case, num_padding):
+    ref_cfg, _, weights, model = models
+    world = pad_world(build_world(case, ref_cfg), num_padding)
+    spec_out = run_jax(world, ref_cfg, weights)
+    plain = run_torch(world, model, tbo=False)
+    _assert_close(plain, spec_out, F32_BOUND, "torch plain vs JAX")
+    _assert_close(run_torch(world, model, tbo=True), plain, F32_BOUND, "TBO vs plain")
+
+
+@pytest.mark.parametrize("case", [CASES["extend-two-chunk-prefixed"], CASES["target-verify-tree"]],
+                         ids=["extend-two-chunk", "target-verify"])
+def test_jax_tbo_matches_torch_tbo(models, case):
+    ref_cfg, _, weights, model = models
+    world = build_world(case, ref_cfg)
+    _assert_close(run_torch(world, model, tbo=True), run_jax(world, ref_cfg, weights, tbo=True),
+                  F32_BOUND, "torch TBO vs JAX TBO")
+
+
+def test_sigmoid_scoring_without_shared_expert():
+    ref_cfg, _, weights, model = make_models(seed=3, scoring="sigmoid", num_shared_experts=0,
+                                             top_k=3)
+    world = build_world(CASES["extend-two-chunk-prefixed"], ref_cfg)
+    spec_out = run_jax(world, ref_cfg, weights)
+    _assert_close(run_torch(world, model, tbo=True), spec_out, F32_BOUND, "sigmoid TBO vs JAX")
+
+
+def test_idle_forward_does_nothing(models):
+    ref_cfg, _, weights, model = models
+    world = build_world(ModelCase("IDLE", ()), ref_cfg)
+    out = run_torch(world, model, tbo=True)
+    assert out["hidden"].shape == (0, ref_cfg.hidden_size)
+    np.testing.assert_array_equal(out["k_pool"], world.k_pool)
+    assert not out["expert_load"].any()
+
+
+def test_two_chunk_child_b_before_child_a_breaks_parity(models, monkeypatch):
+    """Negative test: B's stages run before A's in every layer, so B's first sequence reads
+    the KV slots A has not written yet (stale random values). Parity must fail for B's rows,
+    while A's rows (which never read B's KV) still match."""
+    ref_cfg, _, weights, model = models
+    world = build_world(CASES["extend-two-chunk-prefixed"], ref_cfg)
+    good = run_torch(world, model, tbo=True)
+    original = overlap.execute_overlapped_operations
+
+    def b_first(states, operations_arr, delta_stages, **kwargs):
+        return original(states[::-1], operations_arr[::-1], delta_stages, **kwargs)[::-1]
+
+    monkeypatch.setattr(overlap, "execute_overlapped_operations", b_first)
+    bad = run_torch(world, model, tbo=True)
+    split = 11  # [3, 20] -> two-chunk, child B starts at token 23 // 2
+    assert relative_errors(bad, good, rows=slice(0, split))["hidden"] <= F32_BOUND
+    assert relative_errors(bad, good, rows=slice(split, None))["hidden"] > 1e-2
+
+
+def test_padding_rows_leave_real_rows_and_expert_load_unchanged(models):
+    ref_cfg, _, weights, model = models
+    unpadded = build_world(ModelCase("DECODE", (5, 9, 3, 8), seed=11), ref_cfg)
+    padded = pad_world(unpadded, 3)
+    for tbo in (False, True):
+        a, b = run_torch(padded, model, tbo=tbo), run_torch(unpadded, model, tbo=tbo)
+        errors = relative_errors(a, b, rows=slice(0, 4), names=("hidden", "logits"))
+        assert max(errors.values()) <= F32_BOUND, errors
+        # The real slots of the pool hold the same keys/values too (padding wrote its own).
+        real_slots = unpadded.k_pool.shape[1]
+        np.testing.assert_allclose(a["k_pool"][:, :real_slots], b["k_pool"], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(a["expert_load"], b["expert_load"])
+
+
+def test_padding_rows_would_add_load_if_counted_as_real(models):
+    """The padding check has teeth: counting padding rows as real changes the expert load."""
+    ref_cfg, _, weights, model = models
+    world = pad_world(build_world(ModelCase("DECODE", (5, 9, 3, 8), seed=11), ref_cfg), 3)
+    honest = run_torch(world, model, tbo=True)
+    world.num_token_non_padded = len(world.input_ids)
+    assert run_torch(world, model, tbo=True)["expert_load"].sum() > honest["expert_load"].sum()

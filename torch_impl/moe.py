@@ -1,0 +1,100 @@
+"""Routing, dispatch/combine and experts of the MoE block.
+
+Dispatch and combine are each split into a *launch* half and a *wait* half, so that the other
+micro-batch's compute can sit between them. ``LocalDispatcher`` does them on one device as
+local permutations; an all-to-all dispatcher across GPUs has the same four methods.
+
+Shape letters: ``T`` tokens, ``H`` hidden, ``E`` experts, ``K`` top-k, ``I`` intermediate,
+``P = T*K`` (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
+                   num_token_non_padded: int) -> tuple:
+    """Top-k experts per token, weights renormalised; padding rows get ids -1 and weight 0.
+
+    router_logits: [T, E] float32 -> (weights [T, K] float32, ids [T, K] int64).
+    """
+    if scoring == "softmax":
+        scores = torch.softmax(router_logits, dim=-1)
+    else:
+        scores = torch.sigmoid(router_logits)
+    weights, ids = torch.topk(scores, top_k, dim=-1, sorted=True)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    padding = torch.arange(ids.shape[0], device=ids.device) >= num_token_non_padded
+    ids = ids.masked_fill(padding[:, None], -1)
+    weights = weights.masked_fill(padding[:, None], 0.0)
+    return weights, ids
+
+
+def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] number of (token, k) pairs routed to each expert; ids -1 count for none."""
+    ids = topk_ids.flatten()
+    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+
+
+def swiglu(x, gate, up, down):
+    """x [..., H] with gate/up [..., H, I], down [..., I, H] -> [..., H]."""
+    g = torch.einsum("...h,...hi->...i", x, gate)
+    u = torch.einsum("...h,...hi->...i", x, up)
+    return torch.einsum("...i,...ih->...h", F.silu(g) * u, down)
+
+
+@dataclasses.dataclass
+class Dispatched:
+    """Pairs in expert-major order: pair p of the buffer is (token ``token[p]``, expert
+    ``expert[p]``); ``order`` maps buffer rows back to the token-major pair index."""
+
+    hidden: torch.Tensor  # [P, H]
+    expert: torch.Tensor  # [P] int64, -1 for padding pairs (sorted last)
+    weight: torch.Tensor  # [P] routing weight of each pair
+    order: torch.Tensor  # [P] token-major pair index of each buffer row
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Dispatch and combine on one device: a stable sort of the pairs by expert id.
+
+    The launch halves do the work (on one device there is nothing to wait for); the wait halves
+    hand back the result. Across GPUs the launches start all-to-alls and the waits wait on them.
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch_launch(self, hidden, topk_weights, topk_ids) -> Dispatched:
+        num_tokens, top_k = topk_ids.shape
+        flat_ids = topk_ids.flatten()
+        sort_key = torch.where(flat_ids < 0, self.num_experts, flat_ids)  # padding last
+        order = torch.argsort(sort_key, stable=True)  # [P]
+        token = order // top_k
+        return Dispatched(hidden[token], flat_ids[order], topk_weights.flatten()[order], order,
+                          num_tokens)
+
+    def dispatch_wait(self, handle: Dispatched) -> Dispatched:
+        return handle
+
+    def combine_launch(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        """expert_out [P, H] (buffer order) -> routed [T, H]: weighted sum over each token's K."""
+        weighted = expert_out * dispatched.weight[:, None].to(expert_out.dtype)
+        token_major = torch.empty_like(weighted)
+        token_major[dispatched.order] = weighted
+        return token_major.view(dispatched.num_tokens, -1, weighted.shape[-1]).sum(dim=1)
+
+    def combine_wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+
+def routed_experts(dispatched: Dispatched, gate, up, down) -> torch.Tensor:
+    """Each buffer row through its expert's SwiGLU: [P, H]. Padding pairs compute nothing
+    that is kept (their weight is 0) and are counted in no expert's load."""
+    expert = dispatched.expert.clamp(min=0)
+    out = swiglu(dispatched.hidden, gate[expert], up[expert], down[expert])
+    return out.masked_fill((dispatched.expert < 0)[:, None], 0.0)
