@@ -1,10 +1,17 @@
 """`tbo-parity`: check the PyTorch implementation against the JAX spec.
 
-    tbo-parity run [--cases_per_mode=1000] [--seed=0]
+    tbo-parity run [--cases_per_mode=1000] [--seed=0] [--device=cpu] [--dtype=float32]
 
-`run` splits generated batches of every mode on both sides (and through
-TboForwardBatchPreparer), prints a table of cases, mismatches and time per mode, and exits 1
-on any mismatch after printing the first mismatching case as a literal to paste into a test.
+`run` does two things and prints one table:
+
+1. *Split parity*: splits generated batches of every mode on both sides (and through
+   TboForwardBatchPreparer) and counts disagreements.
+2. *Model parity*: runs the small MoE model on each named scenario three ways (JAX spec,
+   PyTorch plain, PyTorch two-batch overlap) and reports the max relative errors between them
+   against the bound of the dtype (float32 1e-5, bfloat16 2e-2).
+
+It exits 1 on any mismatch, after printing the first mismatching split case as a literal to
+paste into a test.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from parity_tests.split_parity import preparer_mismatches, split_mismatches
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("cases_per_mode", 1000, "Generated batches per forward mode.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the batch generator.")
+flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where the PyTorch model runs.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The PyTorch model's dtype.")
+flags.DEFINE_bool("model", True, "Also check model outputs (JAX vs torch plain vs torch TBO).")
 
 COMMANDS = ("run",)
 
@@ -37,19 +47,50 @@ def check_mode(mode: str, count: int, seed: int) -> dict:
             "seconds": time.perf_counter() - start, "first": first}
 
 
+def check_models(device: str, dtype: str) -> list:
+    """Model parity on every named scenario (one row each)."""
+    import torch
+
+    from parity_tests import model_parity as mp
+
+    # bf16 routes densely (top_k = num_experts): see parity_tests/test_model_parity.py.
+    routing = {"num_experts": 4, "top_k": 4} if dtype == "bfloat16" else {}
+    ref_cfg, _, weights, model = mp.make_models(seed=0, dtype=mp.TORCH_DTYPES[dtype],
+                                                device=torch.device(device), **routing)
+    scenarios = {name: mp.build_world(case, ref_cfg) for name, case in mp.CASES.items()}
+    scenarios.update({name: mp.pad_world(mp.build_world(case, ref_cfg), padding)
+                      for name, (case, padding) in mp.PADDED.items()})
+    rows = []
+    for name, world in scenarios.items():
+        start = time.perf_counter()
+        result = mp.compare_case(world, ref_cfg, weights, model, dtype)
+        rows.append({"mode": name, "kind": f"model {dtype}", "cases": 1,
+                     "mismatches": 0 if result["ok"] else 1,
+                     "seconds": time.perf_counter() - start, **result})
+    return rows
+
+
 def format_table(rows: list) -> str:
-    lines = [f"{'check':<24} {'cases':>7} {'mismatches':>10} {'time':>8}"]
+    header = (f"{'check':<40} {'cases':>6} {'mismatches':>10} {'time':>7}  "
+              f"{'plain~jax':>9} {'tbo~plain':>9} {'tbo~jax':>9}")
+    lines = [header]
     for row in rows:
-        lines.append(f"{'split ' + row['mode']:<24} {row['cases']:>7} {row['mismatches']:>10} "
-                     f"{row['seconds']:>7.1f}s")
+        errors = [f"{row[k]:>9.1e}" if k in row else f"{'-':>9}"
+                  for k in ("plain_vs_jax", "tbo_vs_plain", "tbo_vs_jax")]
+        label = f"{row.get('kind', 'split')} {row['mode']}"
+        lines.append(f"{label:<40} {row['cases']:>6} {row['mismatches']:>10} "
+                     f"{row['seconds']:>6.1f}s  " + " ".join(errors))
     return "\n".join(lines)
 
 
-def run_parity(count: int, seed: int) -> int:
+def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu",
+               dtype: str = "float32") -> int:
     rows = [check_mode(mode, count, seed) for mode in MODES]
+    if model:
+        rows += check_models(device, dtype)
     print(format_table(rows))
     failed = [row for row in rows if row["mismatches"]]
-    for row in failed[:1]:
+    for row in [row for row in failed if row.get("first")][:1]:
         case, wrong = row["first"]
         print(f"\nfirst mismatch ({row['mode']}):\n    {case!r}")
         for line in wrong:
@@ -63,7 +104,8 @@ def _main(argv) -> int:
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"usage: tbo-parity {{{'|'.join(COMMANDS)}}} [flags]")
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the table
-    return run_parity(FLAGS.cases_per_mode, FLAGS.seed)
+    return run_parity(FLAGS.cases_per_mode, FLAGS.seed, model=FLAGS.model, device=FLAGS.device,
+                      dtype=FLAGS.dtype)
 
 
 def main():

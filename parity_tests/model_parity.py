@@ -59,6 +59,25 @@ class ModelCase:
     seed: int = 0
 
 
+# The scenarios of the parity suite and of `tbo-parity run`, by name.
+CASES = {
+    "extend-balanced": ModelCase("EXTEND", (0, 4, 0, 7), (6, 4, 5, 5)),
+    "extend-two-chunk-prefixed": ModelCase("EXTEND", (4, 6), (3, 20), seed=1),
+    "extend-one-sequence": ModelCase("EXTEND", (9,), (17,), seed=2),
+    "extend-skewed": ModelCase("EXTEND", (3, 0, 5, 1, 2), (2, 1, 40, 1, 3), seed=3),
+    "extend-empty-piece": ModelCase("EXTEND", (2, 0), (1, 2), seed=4),
+    "decode": ModelCase("DECODE", (5, 9, 3, 7, 2), seed=5),
+    "decode-one-sequence": ModelCase("DECODE", (6,), seed=6),
+    "target-verify-chain": ModelCase("TARGET_VERIFY", (5, 9, 3, 4), draft_token_num=3, seed=7),
+    "target-verify-tree": ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=4, tree=True,
+                                    seed=8),
+    "idle": ModelCase("IDLE", ()),
+}
+PADDED = {"decode-padded": (ModelCase("DECODE", (5, 9, 3), seed=9), 2),
+          "target-verify-padded": (ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=2,
+                                              seed=10), 3)}
+
+
 @dataclasses.dataclass
 class World:
     """Concrete arrays of a case (numpy), shared by both sides."""
@@ -232,10 +251,9 @@ def torch_batch(world: World, *, dtype, device) -> ForwardBatch:
     return batch
 
 
-def run_torch(world: World, model: MoEModel, *, tbo: bool, dtype=torch.float32,
-              device="cpu", executor=None) -> dict:
-    """The PyTorch model's outputs, plain or with two-batch overlap."""
-    batch = torch_batch(world, dtype=dtype, device=device)
+def run_torch(world: World, model: MoEModel, *, tbo: bool, dtype=torch.float32) -> dict:
+    """The PyTorch model's outputs, plain or with two-batch overlap, on the model's device."""
+    batch = torch_batch(world, dtype=dtype, device=model.embed.device)
     backend = TboAttnBackend()
     if tbo:
         batch = TboForwardBatchPreparer().prepare(batch)
@@ -245,6 +263,18 @@ def run_torch(world: World, model: MoEModel, *, tbo: bool, dtype=torch.float32,
     return {name: value.float().cpu().numpy() for name, value in (
         ("hidden", out.hidden), ("logits", out.logits), ("k_pool", pool.k),
         ("v_pool", pool.v))} | {"expert_load": out.expert_load.cpu().numpy()}
+
+
+def bf16_oracle_inputs(world: World, weights: dict) -> tuple:
+    """(world, weights) rounded to bfloat16 and back, except the float32 router: what a bf16
+    model holds, so that the float32 spec computes the same model without rounding."""
+
+    def rounded(array):
+        return torch.tensor(array).to(torch.bfloat16).float().numpy()
+
+    held = {name: w if name.endswith("router") else rounded(w) for name, w in weights.items()}
+    return dataclasses.replace(world, k_pool=rounded(world.k_pool),
+                               v_pool=rounded(world.v_pool)), held
 
 
 def make_models(seed: int = 0, *, dtype=torch.float32, device="cpu", **overrides) -> tuple:
@@ -269,3 +299,28 @@ def relative_errors(got: dict, want: dict, rows: Optional[slice] = None,
         scale = max(float(np.abs(y).max(initial=0.0)), 1e-30)
         errors[name] = float(np.abs(x - y).max(initial=0.0)) / scale
     return errors
+
+
+# --- one scenario, all comparisons (used by `tbo-parity run`) -------------------------------
+
+BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # justified in parity_tests/test_model_parity.py
+
+
+def compare_case(world: World, ref_cfg: RefConfig, weights: dict, model: MoEModel,
+                 dtype_name: str) -> dict:
+    """Max relative errors of plain-vs-JAX, TBO-vs-plain and TBO-vs-JAX, and whether the
+    expert loads agree; for bfloat16 the JAX oracle gets the bf16-rounded weights and cache."""
+    dtype = TORCH_DTYPES[dtype_name]
+    if dtype_name == "bfloat16":
+        world, weights = bf16_oracle_inputs(world, weights)
+    spec_out = run_jax(world, ref_cfg, weights)
+    plain = run_torch(world, model, tbo=False, dtype=dtype)
+    tbo = run_torch(world, model, tbo=True, dtype=dtype)
+    pairs = {"plain_vs_jax": (plain, spec_out), "tbo_vs_plain": (tbo, plain),
+             "tbo_vs_jax": (tbo, spec_out)}
+    result = {name: max(relative_errors(a, b).values()) for name, (a, b) in pairs.items()}
+    result["expert_load_equal"] = all(np.array_equal(a["expert_load"], b["expert_load"])
+                                      for a, b in pairs.values())
+    result["ok"] = result["expert_load_equal"] and max(
+        result[name] for name in pairs) <= BOUNDS[dtype_name]
+    return result

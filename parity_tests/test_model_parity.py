@@ -1,9 +1,20 @@
 """Output parity of the MoE model: torch TBO == torch plain == JAX spec, per mode.
 
 Compared: final hidden states, logits, and the whole KV pool after the pass (written slots and
-untouched ones), plus the per-expert load. float32 bound: max relative error <= 1e-5 (errors
-measured on CPU are ~1e-6: reduction order differs between XLA and PyTorch kernels, and
-between a micro-batch's matmul and the whole batch's; docs/gpu-results.md records GPU runs).
+untouched ones), plus the per-expert load; error = max|x - y| / max|y| per tensor.
+
+- float32, bound 1e-5. Measured on CPU: <= ~1.5e-6 (reduction order differs between XLA and
+  PyTorch kernels, and between a micro-batch's matmul and the whole batch's).
+- bfloat16, bound 2e-2 (bf16 keeps 8 bits of mantissa: each rounding is up to 2^-9 = 2e-3
+  relative, and a pass rounds some twenty times along the residual stream). The oracle is the
+  JAX spec in float32 fed the *bf16-rounded* weights and cache the bf16 model actually holds,
+  and the model routes densely (top_k = num_experts): top-k selection is discontinuous, so
+  bf16 rounding near a tie between two experts' scores would swap an expert and change that
+  token by O(1), which no tolerance describes. Sparse routing is proven in float32. Measured
+  on CPU: <= 1.7e-2 against the oracle, 0 between TBO and plain.
+
+The cuda device runs where a GPU is (docs/gpu-results.md records those runs); on a CPU-only
+machine those cases skip.
 """
 
 from __future__ import annotations
@@ -12,32 +23,21 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.model_parity import (ModelCase, build_world, make_models, pad_world,
-                                       relative_errors, run_jax, run_torch)
+from parity_tests.model_parity import (CASES, PADDED, ModelCase, bf16_oracle_inputs,
+                                       build_world, make_models, pad_world, relative_errors,
+                                       run_jax, run_torch)
 from torch_impl import overlap
 
 F32_BOUND = 1e-5
+BF16_BOUND = 2e-2
+cuda = pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+DEVICES = ["cpu", cuda]
 
-CASES = {
-    "extend-balanced": ModelCase("EXTEND", (0, 4, 0, 7), (6, 4, 5, 5)),
-    "extend-two-chunk-prefixed": ModelCase("EXTEND", (4, 6), (3, 20), seed=1),
-    "extend-one-sequence": ModelCase("EXTEND", (9,), (17,), seed=2),
-    "extend-skewed": ModelCase("EXTEND", (3, 0, 5, 1, 2), (2, 1, 40, 1, 3), seed=3),
-    "extend-empty-piece": ModelCase("EXTEND", (2, 0), (1, 2), seed=4),
-    "decode": ModelCase("DECODE", (5, 9, 3, 7, 2), seed=5),
-    "decode-one-sequence": ModelCase("DECODE", (6,), seed=6),
-    "target-verify-chain": ModelCase("TARGET_VERIFY", (5, 9, 3, 4), draft_token_num=3, seed=7),
-    "target-verify-tree": ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=4, tree=True,
-                                    seed=8),
-}
-PADDED = {"decode-padded": (ModelCase("DECODE", (5, 9, 3), seed=9), 2),
-          "target-verify-padded": (ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=2,
-                                              seed=10), 3)}
-
-
-@pytest.fixture(scope="module")
-def models():
-    return make_models(seed=0)
+@pytest.fixture(scope="module", params=DEVICES)
+def models(request):
+    return make_models(seed=0, device=request.param)
 
 
 def _assert_close(got, want, bound, what):
@@ -56,6 +56,20 @@ def test_tbo_matches_plain_matches_jax(models, case):
     _assert_close(plain, spec_out, F32_BOUND, "torch plain vs JAX")
     _assert_close(tbo, plain, F32_BOUND, "torch TBO vs torch plain")
     _assert_close(tbo, spec_out, F32_BOUND, "torch TBO vs JAX")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bfloat16_tbo_matches_plain_matches_jax(device, case):
+    ref_cfg, _, weights, model = make_models(seed=0, dtype=torch.bfloat16, device=device,
+                                             num_experts=4, top_k=4)
+    world, oracle_weights = bf16_oracle_inputs(build_world(case, ref_cfg), weights)
+    spec_out = run_jax(world, ref_cfg, oracle_weights)
+    plain = run_torch(world, model, tbo=False, dtype=torch.bfloat16)
+    tbo = run_torch(world, model, tbo=True, dtype=torch.bfloat16)
+    _assert_close(plain, spec_out, BF16_BOUND, "bf16 torch plain vs JAX")
+    _assert_close(tbo, plain, BF16_BOUND, "bf16 torch TBO vs torch plain")
+    _assert_close(tbo, spec_out, BF16_BOUND, "bf16 torch TBO vs JAX")
 
 
 @pytest.mark.parametrize("case,num_padding", PADDED.values(), ids=PADDED.keys())

@@ -143,7 +143,7 @@ class MoEDecoderLayer(nn.Module):
 
     def op_shared_experts(self, s: State):
         x = s.pop("mlp_input")
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j in range(self.cfg.num_shared_experts):
             out = out + moe.swiglu(x, self.shared_gate[j], self.shared_up[j],
                                    self.shared_down[j])
@@ -153,6 +153,7 @@ class MoEDecoderLayer(nn.Module):
         s.routed_out = self.dispatcher.combine_wait(s.pop("combine_handle"))
 
     def op_layer_output(self, s: State):
+        # routed and shared outputs are float32 sums, rounded to the model dtype once here
         s.hidden_states = (s.pop("routed_out") + s.pop("shared_out")).to(s.residual.dtype)
 
 

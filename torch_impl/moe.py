@@ -41,10 +41,12 @@ def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def swiglu(x, gate, up, down):
-    """x [..., H] with gate/up [..., H, I], down [..., I, H] -> [..., H]."""
-    g = torch.einsum("...h,...hi->...i", x, gate)
-    u = torch.einsum("...h,...hi->...i", x, up)
-    return torch.einsum("...i,...ih->...h", F.silu(g) * u, down)
+    """x [..., H] with gate/up [..., H, I], down [..., I, H] -> [..., H].
+
+    The activation runs in float32 and is rounded once, as fused MoE kernels do."""
+    g = torch.einsum("...h,...hi->...i", x, gate).float()
+    u = torch.einsum("...h,...hi->...i", x, up).float()
+    return torch.einsum("...i,...ih->...h", (F.silu(g) * u).to(x.dtype), down)
 
 
 @dataclasses.dataclass
@@ -82,8 +84,9 @@ class LocalDispatcher:
         return handle
 
     def combine_launch(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        """expert_out [P, H] (buffer order) -> routed [T, H]: weighted sum over each token's K."""
-        weighted = expert_out * dispatched.weight[:, None].to(expert_out.dtype)
+        """expert_out [P, H] (buffer order) -> routed [T, H] float32: the weighted sum over each
+        token's K pairs, accumulated in float32."""
+        weighted = expert_out.float() * dispatched.weight[:, None]
         token_major = torch.empty_like(weighted)
         token_major[dispatched.order] = weighted
         return token_major.view(dispatched.num_tokens, -1, weighted.shape[-1]).sum(dim=1)
