@@ -34,10 +34,25 @@ from torch_impl.model import MoEModel
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# The JAX spec runs on the CPU, jitted per shape with a quick compile: a tiny model gains
-# nothing from XLA's optimisation passes, and compile time dominates a parity run.
-FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
-                    xla_cpu_use_fusion_emitters=False)
+
+
+def supported_compile_options(candidates: dict) -> dict:
+    """The XLA options this jaxlib accepts (option names come and go between releases)."""
+    kept = {}
+    for name, value in candidates.items():
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
+        except Exception:  # an unknown option is an XlaRuntimeError/JaxRuntimeError
+            continue
+        kept[name] = value
+    return kept
+
+
+# The JAX spec runs jitted per shape with a quick compile: a tiny model gains nothing from
+# XLA's optimisation passes, and compile time dominates a parity run.
+FAST_COMPILE = supported_compile_options(dict(
+    xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
+    xla_cpu_use_fusion_emitters=False))
 _STATIC = ("cfg", "mode", "draft_token_num")
 _jit_forward = jax.jit(ref_model.forward, static_argnames=_STATIC,
                        compiler_options=FAST_COMPILE)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parity_tests.model_parity import supported_compile_options
 from reference import model as M
 from reference import operations as O
 from reference.weights import ModelConfig, init_weights
@@ -27,8 +28,9 @@ F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
 # The tests jit every pass (eager mode compiles each primitive per shape, which is slower) and
 # ask XLA for a quick compile: a tiny model gains nothing from optimisation.
-FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
-                    xla_cpu_use_fusion_emitters=False)
+FAST_COMPILE = supported_compile_options(dict(
+    xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
+    xla_cpu_use_fusion_emitters=False))
 STATIC = ("cfg", "mode", "draft_token_num", "dtype")
 jit_forward = jax.jit(M.forward, static_argnames=STATIC, compiler_options=FAST_COMPILE)
 jit_forward_tbo = jax.jit(O.forward_tbo, static_argnames=STATIC + ("children", "executor"),
