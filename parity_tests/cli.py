@@ -103,6 +103,11 @@ def _main(argv) -> int:
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"usage: tbo-parity {{{'|'.join(COMMANDS)}}} [flags]")
+    if FLAGS.model and FLAGS.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise app.UsageError("--device=cuda, but torch sees no CUDA device")
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the table
     return run_parity(FLAGS.cases_per_mode, FLAGS.seed, model=FLAGS.model, device=FLAGS.device,
                       dtype=FLAGS.dtype)

@@ -25,8 +25,10 @@ import torch
 
 from parity_tests.model_parity import (CASES, PADDED, ModelCase, bf16_oracle_inputs,
                                        build_world, make_models, pad_world, relative_errors,
-                                       run_jax, run_torch)
+                                       run_jax, run_torch, torch_batch)
 from torch_impl import overlap
+from torch_impl.attention import TorchAttnBackend
+from torch_impl.model import MoEModel
 
 F32_BOUND = 1e-5
 BF16_BOUND = 2e-2
@@ -148,3 +150,23 @@ def test_padding_rows_would_add_load_if_counted_as_real(models):
     honest = run_torch(world, model, tbo=True)
     world.num_token_non_padded = len(world.input_ids)
     assert run_torch(world, model, tbo=True)["expert_load"].sum() > honest["expert_load"].sum()
+
+
+def test_model_rejects_missing_or_misshapen_weights():
+    ref_cfg, torch_cfg, weights, _ = make_models(seed=0)
+    broken = dict(weights)
+    del broken["layers.1.router"]
+    with pytest.raises(ValueError, match="layers.1.router"):
+        MoEModel(torch_cfg, broken)
+    broken = dict(weights, lm_head=weights["lm_head"][:, :5])
+    with pytest.raises(ValueError, match="lm_head"):
+        MoEModel(torch_cfg, broken)
+
+
+def test_attention_names_a_missing_field(models):
+    ref_cfg, _, _, model = models
+    batch = torch_batch(build_world(CASES["target-verify-chain"], ref_cfg),
+                        dtype=torch.float32, device="cpu")
+    batch.spec_info.custom_mask = None
+    with pytest.raises(ValueError, match="custom_mask"):
+        TorchAttnBackend().init_forward_metadata(batch)

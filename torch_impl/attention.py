@@ -59,10 +59,31 @@ def _verify_allowed(batch: ForwardBatch, columns: torch.Tensor):
     return seq_of_token, allowed
 
 
+REQUIRED_FIELDS = {
+    "EXTEND": ("extend_seq_lens", "extend_prefix_lens", "extend_start_loc"),
+    "DECODE": (),
+    "TARGET_VERIFY": ("spec_info",),
+}
+
+
+def _check_attention_fields(batch: ForwardBatch) -> None:
+    """ValueError naming the first field attention needs and the batch lacks."""
+    mode = batch.forward_mode.name
+    if mode not in REQUIRED_FIELDS:
+        raise ValueError(f"forward_mode {mode} has no attention")
+    for name in ("positions", "out_cache_loc", "req_pool_indices", "seq_lens", "seq_lens_cpu",
+                 "req_to_token", "kv_pool") + REQUIRED_FIELDS[mode]:
+        if getattr(batch, name) is None:
+            raise ValueError(f"{name} is required for attention in {mode}")
+    if mode == "TARGET_VERIFY" and batch.spec_info.custom_mask is None:
+        raise ValueError("spec_info.custom_mask is required for attention in TARGET_VERIFY")
+
+
 def build_metadata(batch: ForwardBatch) -> Optional[AttnMetadata]:
     """Which pool slots each token reads; None for a batch without tokens."""
     if batch.num_tokens == 0:
         return None
+    _check_attention_fields(batch)
     mode = batch.forward_mode
     extra = batch.spec_info.draft_token_num if mode.name == "TARGET_VERIFY" else 0
     width = max(1, int(batch.seq_lens_cpu.max()) + extra)  # L
@@ -71,10 +92,8 @@ def build_metadata(batch: ForwardBatch) -> Optional[AttnMetadata]:
         seq_of_token, allowed = _extend_allowed(batch, columns)
     elif mode.name == "DECODE":
         seq_of_token, allowed = _decode_allowed(batch, columns)
-    elif mode.name == "TARGET_VERIFY":
-        seq_of_token, allowed = _verify_allowed(batch, columns)
     else:
-        raise ValueError(f"forward_mode {mode.name} has no attention")
+        seq_of_token, allowed = _verify_allowed(batch, columns)
     rows = batch.req_to_token[batch.req_pool_indices[seq_of_token]]  # [T, table width]
     return AttnMetadata(table_slots=rows[:, :width], allowed=allowed)
 

@@ -42,3 +42,27 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def weight_shapes(cfg: ModelConfig) -> dict:
+    """The shape of every weight the model loads, by name (docs/model.md's table)."""
+    h, nd, e, i, x = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_experts,
+                      cfg.intermediate_size, cfg.num_shared_experts)
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "lm_head": (h, cfg.vocab_size)}
+    per_layer = {"attn_norm": (h,), "wq": (h, nd), "wk": (h, nd), "wv": (h, nd), "wo": (nd, h),
+                 "mlp_norm": (h,), "router": (h, e), "experts_gate": (e, h, i),
+                 "experts_up": (e, h, i), "experts_down": (e, i, h), "shared_gate": (x, h, i),
+                 "shared_up": (x, h, i), "shared_down": (x, i, h)}
+    for layer in range(cfg.num_layers):
+        shapes.update({f"layers.{layer}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def check_weights(cfg: ModelConfig, weights: dict) -> None:
+    """ValueError naming the first missing or misshapen weight."""
+    for name, shape in weight_shapes(cfg).items():
+        if name not in weights:
+            raise ValueError(f"weights is missing {name!r}")
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"weights[{name!r}] has shape {tuple(weights[name].shape)}, "
+                             f"expected {shape}")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torch_impl import moe
-from torch_impl.config import ModelConfig
+from torch_impl.config import ModelConfig, check_weights
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.operations import State, YieldOperation
 from torch_impl.overlap import model_forward_maybe_tbo
@@ -170,6 +170,9 @@ class MoEModel(nn.Module):
     def __init__(self, cfg: ModelConfig, weights: dict, *, dtype=torch.float32, device="cpu",
                  dispatcher=None):
         super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"cfg must be a torch_impl ModelConfig, got {type(cfg).__name__}")
+        check_weights(cfg, weights)
         self.cfg = cfg
         self.dispatcher = dispatcher or moe.LocalDispatcher(cfg.num_experts)
         self.embed = _param(weights["embed"], dtype, device)
