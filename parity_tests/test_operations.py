@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from torch.profiler import ProfilerActivity, profile
 
+from reference import operations as ref_ops
 from torch_impl.forward_mode import ForwardMode
 from torch_impl.model import DELTA_STAGES, LAYOUTS, strategy_for
 from torch_impl.operations import (State, YieldOperation, execute_operations,
                                    execute_overlapped_operations, split_stages, stage_schedule)
-from reference import operations as ref_ops
 
 
 def test_state_refuses_silent_overwrite():
@@ -88,3 +89,12 @@ def test_published_layouts():
     assert "combine_launch" in decode[3] and "combine_wait" in decode[4]
     with pytest.raises(ValueError, match="forward_mode"):
         strategy_for(ForwardMode.IDLE)
+
+
+def test_profiler_ranges_name_each_stage_and_micro_batch():
+    """With profile=True a trace shows which micro-batch ran which stage: a0, b0, a1, ..."""
+    ops = [lambda s: None, YieldOperation(), lambda s: None]
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        execute_overlapped_operations([State(), State()], [ops, ops], 0, profile=True)
+    names = {event.name for event in trace.events()}
+    assert {"a0", "b0", "a1", "b1"} <= names
