@@ -118,6 +118,14 @@ def close(a, b, **tol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **(tol or F32_TOL))
 
 
+def close_pass(got, want, rows):
+    """``got``'s rows equal ``want``'s ``rows``; the pools after both passes are equal."""
+    close(got.hidden, want.hidden[rows])
+    close(got.logits, want.logits[rows])
+    close(got.k_pool, want.k_pool)
+    close(got.v_pool, want.v_pool)
+
+
 # ---------------------------------------------------------------------------------------------
 # The forward pass against itself.
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +144,7 @@ def test_extend_in_two_passes_matches_one_pass():
     pass_2 = w.forward(w.extend(rows, np.add(prefix, first), np.subtract(ext, first), ids_2),
                        "EXTEND", pools=(pass_1.k_pool, pass_1.v_pool))
     later = np.r_[5:12, 14:18]  # the rows of one pass that the second pass computes
-    close(pass_2.hidden, one.hidden[later])
-    close(pass_2.logits, one.logits[later])
-    close(pass_2.k_pool, one.k_pool)
-    close(pass_2.v_pool, one.v_pool)
+    close_pass(pass_2, one, later)
 
 
 def test_decode_step_matches_last_extend_token():
@@ -154,10 +159,7 @@ def test_decode_step_matches_last_extend_token():
     first = w.forward(w.extend(rows, prefix, ext, np.delete(ids, ends)), "EXTEND")
     step = w.forward(w.decode(rows, np.add(prefix, full_ext), ids[ends]), "DECODE",
                      pools=(first.k_pool, first.v_pool))
-    close(step.hidden, one.hidden[ends])
-    close(step.logits, one.logits[ends])
-    close(step.k_pool, one.k_pool)
-    close(step.v_pool, one.v_pool)
+    close_pass(step, one, ends)
 
 
 def test_target_verify_chain_matches_extend():
