@@ -189,6 +189,8 @@ def child_mismatches(parent: ForwardBatch, child: ForwardBatch, want: dict,
                f"spec_info.{name}")
     expect(torch.equal(verify.retrieve_index, parent_verify.retrieve_index[first:last]),
            "spec_info.retrieve_index")
+    expect(parent_verify.custom_mask_offsets is None and verify.custom_mask_offsets is None,
+           "spec_info.custom_mask_offsets")
     expect(verify.draft_token_num == parent_verify.draft_token_num, "spec_info.draft_token_num")
     lo, hi = _mask_range(parent.seq_lens_cpu.tolist(), parent_verify.draft_token_num,
                          (first, last))

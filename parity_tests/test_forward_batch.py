@@ -22,7 +22,7 @@ def test_every_field_is_checked():
     checked = TOKEN_FIELDS | SEQ_FIELDS | SHARED_FIELDS | set(SPEC_CHILD_FIELDS) | OTHER_FIELDS
     assert {f.name for f in dataclasses.fields(ForwardBatch)} == checked
     assert {f.name for f in dataclasses.fields(VerifyInput)} == VERIFY_TOKEN_FIELDS | {
-        "draft_token_num", "custom_mask", "retrieve_index"}
+        "draft_token_num", "custom_mask", "custom_mask_offsets", "retrieve_index"}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -40,23 +40,39 @@ def _extend_allowed(batch: ForwardBatch, columns: torch.Tensor):
     return seq_of_token, columns[None, :] <= limit[:, None]
 
 
-def _decode_allowed(batch: ForwardBatch, columns: torch.Tensor):
-    seq_of_token = torch.arange(batch.batch_size, device=columns.device)
-    return seq_of_token, columns[None, :] < batch.seq_lens[:, None]
+def mask_block_offsets(seq_lens: torch.Tensor, draft_token_num: int) -> torch.Tensor:
+    """[B] where each sequence's ``d x (seq_len + d)`` tree-mask block starts when the blocks
+    lie end to end from 0 (docs/spec.md): the exclusive prefix sum of ``(seq_len + d) * d``."""
+    sizes = (seq_lens + draft_token_num) * draft_token_num
+    return torch.cumsum(sizes, 0) - sizes
 
 
-def _verify_allowed(batch: ForwardBatch, columns: torch.Tensor):
-    d = batch.spec_info.draft_token_num
-    seq_of_token = torch.arange(batch.batch_size, device=columns.device).repeat_interleave(d)
-    allowed = torch.zeros(batch.num_tokens, columns.numel(), dtype=torch.bool,
-                          device=columns.device)
-    offset = 0
-    for s, seq_len in enumerate(batch.seq_lens_cpu.tolist()):
-        width = seq_len + d
-        block = batch.spec_info.custom_mask[offset:offset + d * width].view(d, width)
-        allowed[s * d:(s + 1) * d, :width] = block
-        offset += d * width
-    return seq_of_token, allowed
+def _uniform_allowed(batch: ForwardBatch, columns: torch.Tensor):
+    """DECODE and TARGET_VERIFY, graph-safe: device tensors only, shapes fixed by the batch's
+    token count and the column count, no host reads (this runs inside a captured graph).
+
+    Token t belongs to sequence ``t // per_seq``. DECODE: column j is visible when
+    ``j < seq_len``. TARGET_VERIFY, draft ``r = t % d``: row r of the sequence's mask block,
+    which starts at ``offset + r * (seq_len + d)``, for columns ``j < seq_len + d``. The block
+    offsets come from ``spec_info.custom_mask_offsets`` when the batch carries them (a CUDA
+    graph's children read the parent's whole mask through them), else from ``seq_lens``.
+    """
+    verify = batch.forward_mode.name == "TARGET_VERIFY"
+    per_seq = batch.spec_info.draft_token_num if verify else 1
+    token = torch.arange(batch.num_tokens, device=columns.device)
+    seq_of_token = token // per_seq  # [T]
+    seq_len = batch.seq_lens[seq_of_token]  # [T]
+    if not verify:
+        return seq_of_token, columns[None, :] < seq_len[:, None]
+    spec = batch.spec_info
+    offsets = spec.custom_mask_offsets
+    if offsets is None:
+        offsets = mask_block_offsets(batch.seq_lens, per_seq)
+    visible = seq_len + per_seq  # [T] columns of the token's mask row
+    row_start = offsets[seq_of_token] + (token % per_seq) * visible  # [T]
+    flat = (row_start[:, None] + columns[None, :]).clamp(max=spec.custom_mask.numel() - 1)
+    in_row = columns[None, :] < visible[:, None]  # [T, L]
+    return seq_of_token, in_row & spec.custom_mask[flat]
 
 
 REQUIRED_FIELDS = {
@@ -79,21 +95,34 @@ def _check_attention_fields(batch: ForwardBatch) -> None:
         raise ValueError("spec_info.custom_mask is required for attention in TARGET_VERIFY")
 
 
-def build_metadata(batch: ForwardBatch) -> Optional[AttnMetadata]:
-    """Which pool slots each token reads; None for a batch without tokens."""
+def context_width(batch: ForwardBatch) -> int:
+    """The columns a batch's longest sequence reads (host arithmetic, for the eager path)."""
+    extra = batch.spec_info.draft_token_num if batch.forward_mode.name == "TARGET_VERIFY" else 0
+    return max(1, int(batch.seq_lens_cpu.max()) + extra)
+
+
+def build_metadata(batch: ForwardBatch, width: Optional[int] = None) -> Optional[AttnMetadata]:
+    """Which pool slots each token reads; None for a batch without tokens.
+
+    ``width`` (L) is the number of table columns every token's row spans. Eagerly it defaults to
+    what the batch's longest sequence needs (read from ``seq_lens_cpu``); a CUDA graph passes
+    its ``max_context_len`` instead, so the shapes do not depend on the batch and nothing is
+    read on the host. Columns past a sequence's length are masked, so the width changes no
+    result.
+    """
     if batch.num_tokens == 0:
         return None
     _check_attention_fields(batch)
-    mode = batch.forward_mode
-    extra = batch.spec_info.draft_token_num if mode.name == "TARGET_VERIFY" else 0
-    width = max(1, int(batch.seq_lens_cpu.max()) + extra)  # L
+    if width is None:
+        width = context_width(batch)
+    if width > batch.req_to_token.shape[1]:
+        raise ValueError(f"width={width} exceeds req_to_token's {batch.req_to_token.shape[1]} "
+                         f"columns")
     columns = torch.arange(width, device=batch.input_ids.device)
-    if mode.is_extend():
+    if batch.forward_mode.is_extend():
         seq_of_token, allowed = _extend_allowed(batch, columns)
-    elif mode.name == "DECODE":
-        seq_of_token, allowed = _decode_allowed(batch, columns)
     else:
-        seq_of_token, allowed = _verify_allowed(batch, columns)
+        seq_of_token, allowed = _uniform_allowed(batch, columns)
     rows = batch.req_to_token[batch.req_pool_indices[seq_of_token]]  # [T, table width]
     return AttnMetadata(table_slots=rows[:, :width], allowed=allowed)
 
@@ -104,8 +133,8 @@ class TorchAttnBackend:
     def __init__(self):
         self.metadata: Optional[AttnMetadata] = None
 
-    def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        self.metadata = build_metadata(batch)
+    def init_forward_metadata(self, batch: ForwardBatch, *, width: Optional[int] = None) -> None:
+        self.metadata = build_metadata(batch, width)
 
     def forward(self, q, k, v, *, layer: int, batch: ForwardBatch) -> torch.Tensor:
         """q, k, v: ``[T, N, D]`` -> ``[T, N, D]``. Writes this layer's k, v first."""
@@ -120,15 +149,26 @@ class TorchAttnBackend:
 
 
 class TboAttnBackend:
-    """A primary backend for the whole batch and one per child, each initialised from its
-    own ForwardBatch. An empty child's backend is left uninitialised (it never runs)."""
+    """A primary backend for an unsplit batch and one per child of a split one, each
+    initialised from its own ForwardBatch. With children the primary is left alone (the
+    children run, not the parent); an empty child's backend is left uninitialised too.
+
+    Eagerly (``width=None``) every backend sizes its metadata by its own longest sequence. For
+    a CUDA graph the runner passes ``width=max_context_len`` and calls this *inside* the
+    captured region: each child's metadata is then computed by captured kernels from its
+    views of the graph's static buffers (its slice of ``seq_lens``, its request rows, its
+    slice of the tree-mask offsets), so a replay recomputes it from whatever the runner wrote
+    into those buffers, with no host work per child.
+    """
 
     def __init__(self, make_backend=TorchAttnBackend):
         self.primary = make_backend()
         self.children = (make_backend(), make_backend())
 
-    def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        self.primary.init_forward_metadata(batch)
-        for backend, child in zip(self.children, batch.tbo_children or ()):
+    def init_forward_metadata(self, batch: ForwardBatch, *, width: Optional[int] = None) -> None:
+        if batch.tbo_children is None:
+            self.primary.init_forward_metadata(batch, width=width)
+            return
+        for backend, child in zip(self.children, batch.tbo_children):
             if child.num_tokens:
-                backend.init_forward_metadata(child)
+                backend.init_forward_metadata(child, width=width)

@@ -92,6 +92,9 @@ class TboForwardBatchPreparer:
 
     def prepare(self, batch: ForwardBatch) -> ForwardBatch:
         """The parent with ``tbo_split_seq_index`` and ``tbo_children`` (A, B) filled in."""
+        if isinstance(batch.num_token_non_padded, torch.Tensor):
+            raise ValueError("num_token_non_padded is a device tensor (a CUDA-graph batch); "
+                             "such a batch is split by TboCudaGraphRunnerPlugin")
         child_a, child_b = self.split_children(batch)
         counts = tbo.compute_children_num_token_non_padded(child_a.token_range[1],
                                                            batch.num_real_tokens)

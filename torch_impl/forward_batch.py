@@ -82,6 +82,12 @@ def _child_batch_size(plan):
 
 
 def _child_seq_lens(plan):
+    """Outside EXTEND a child's lengths are the parent's own, so the child gets a view of the
+    parent's tensor (a CUDA graph's children then read the graph's static buffer). EXTEND
+    re-derives them (two-chunk changes the straddling sequence's length)."""
+    if plan.child.extend_seq_lens is None and plan.parent.seq_lens is not None:
+        first, last = plan.child.seq_range
+        return plan.parent.seq_lens[first:last]
     return _on_device_of(plan.parent.seq_lens, plan.child.seq_lens)
 
 
@@ -118,13 +124,19 @@ def _child_parent_token_range(plan):
 
 
 def _child_custom_mask(plan):
-    """The tree-mask blocks of the child's sequences (see TBO_SEMANTICS, speculative verify).
+    """The tree-mask blocks of the child's sequences (docs/spec.md, speculative verify).
 
-    Sequence i's block is d x (seq_lens[i] + d), flattened; blocks are laid end to end.
+    Sequence i's block is d x (seq_lens[i] + d), flattened; blocks are laid end to end, so the
+    child's blocks are one contiguous range found from the host lengths. When the parent
+    carries ``custom_mask_offsets`` (a CUDA graph's static batch, whose lengths change at every
+    replay) the child keeps the parent's whole mask and finds its blocks through its own slice
+    of the offsets instead: nothing is computed from host lengths that a replay would change.
     """
     spec = plan.parent.spec_info
     if spec.custom_mask is None:
         return None
+    if spec.custom_mask_offsets is not None:
+        return spec.custom_mask
     d = spec.draft_token_num
     block_sizes = [(n + d) * d for n in plan.parent.seq_lens_cpu.tolist()]
     first, last = plan.child.seq_range
@@ -143,6 +155,8 @@ class VerifyInput:
     draft_tokens: Optional[torch.Tensor] = token_axis()  # [T]
     positions: Optional[torch.Tensor] = token_axis()  # [T]
     custom_mask: Optional[torch.Tensor] = derived(_child_custom_mask)  # [M] bool
+    # [B] where each sequence's block starts in custom_mask; None: end to end from 0.
+    custom_mask_offsets: Optional[torch.Tensor] = seq_axis()
     retrieve_index: Optional[torch.Tensor] = seq_axis()  # [B, d]
 
 
@@ -170,7 +184,8 @@ class ForwardBatch:
         _extend_rule("extend_start_loc", "extend_start_loc"))  # [B], child-relative
     extend_num_tokens: Optional[int] = derived(_child_extend_num_tokens)
     spec_info: Optional[VerifyInput] = nested()
-    num_token_non_padded: Optional[int] = derived(_child_num_token_non_padded)
+    # Real (non-padding) tokens: an int eagerly, a 0-dim device tensor in a CUDA graph.
+    num_token_non_padded: Any = derived(_child_num_token_non_padded)
     # Pools read (and written) by the pass, shared by both children.
     req_to_token: Optional[torch.Tensor] = shared()  # [R, L]
     kv_pool: Any = shared()
@@ -184,8 +199,8 @@ class ForwardBatch:
         return 0 if self.input_ids is None else int(self.input_ids.shape[0])
 
     @property
-    def num_real_tokens(self) -> int:
-        """Tokens that are not CUDA-graph padding."""
+    def num_real_tokens(self):
+        """Tokens that are not CUDA-graph padding (an int, or a 0-dim tensor in a graph)."""
         if self.num_token_non_padded is None:
             return self.num_tokens
         return self.num_token_non_padded

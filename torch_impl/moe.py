@@ -17,10 +17,13 @@ import torch.nn.functional as F
 
 
 def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
-                   num_token_non_padded: int) -> tuple:
+                   num_token_non_padded) -> tuple:
     """Top-k experts per token, weights renormalised; padding rows get ids -1 and weight 0.
 
     router_logits: [T, E] float32 -> (weights [T, K] float32, ids [T, K] int64).
+    ``num_token_non_padded``: the count of real rows (the rest are CUDA-graph padding), a
+    Python int eagerly or a 0-dim device tensor in a graph; the padding mask is computed on
+    the device either way, so a replay that rewrites the tensor re-masks without recapture.
     """
     if scoring == "softmax":
         scores = torch.softmax(router_logits, dim=-1)
@@ -35,9 +38,14 @@ def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
 
 
 def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] number of (token, k) pairs routed to each expert; ids -1 count for none."""
+    """[E] number of (token, k) pairs routed to each expert; ids -1 count for none.
+
+    Shape-static (a scatter-add into E + 1 bins, the last one collecting padding), so it can be
+    captured: a boolean selection of the real ids would have a data-dependent shape."""
     ids = topk_ids.flatten()
-    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+    bins = torch.where(ids < 0, num_experts, ids)
+    load = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    return load.scatter_add_(0, bins, torch.ones_like(bins))[:num_experts]
 
 
 def swiglu(x, gate, up, down):
