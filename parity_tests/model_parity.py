@@ -122,7 +122,41 @@ def _draft_tree(rng, d: int, tree: bool) -> tuple:
     return visible, depth
 
 
-def build_world(case: ModelCase, cfg: RefConfig) -> World:
+@dataclasses.dataclass(frozen=True)
+class ServingLayout:
+    """Pools shared by many batches, as a CUDA-graph runner needs them (it captures their
+    addresses): ``req_to_token [R, L]`` whose rows ``0..R-2`` map positions to distinct random
+    slots, row ``R-1`` reserved for padding, and pools of ``P`` slots, the last reserved for
+    padding (never in a request's row). Pools start random so that every stale read shows."""
+
+    req_to_token: np.ndarray  # [R, L]
+    k_pool: np.ndarray  # [layers, P, N, D]
+    v_pool: np.ndarray
+
+    @property
+    def padding_req_row(self) -> int:
+        return self.req_to_token.shape[0] - 1
+
+    @property
+    def padding_slot(self) -> int:
+        return self.k_pool.shape[1] - 1
+
+
+def serving_layout(cfg: RefConfig, num_requests: int, max_context_len: int,
+                   seed: int = 0) -> ServingLayout:
+    rng = np.random.default_rng(seed)
+    num_slots = num_requests * max_context_len + 1
+    table = np.full((num_requests + 1, max_context_len), num_slots - 1, np.int64)
+    table[:-1] = rng.permutation(num_slots - 1).reshape(num_requests, max_context_len)
+    shape = (cfg.num_layers, num_slots, cfg.num_heads, cfg.head_dim)
+    return ServingLayout(table, rng.normal(size=shape).astype(np.float32),
+                         rng.normal(size=shape).astype(np.float32))
+
+
+def build_world(case: ModelCase, cfg: RefConfig,
+                layout: Optional[ServingLayout] = None) -> World:
+    """The case's arrays over a fresh random table and pool, or over ``layout``'s (then the
+    case's sequences take random distinct request rows of it, never the padding row)."""
     rng = np.random.default_rng(case.seed)
     prefix = list(case.prefix_lens)
     bs = len(prefix)
@@ -130,11 +164,17 @@ def build_world(case: ModelCase, cfg: RefConfig) -> World:
         new = list(case.extend_lens)
     else:
         new = [1 if case.mode == "DECODE" else case.draft_token_num] * bs
-    width = max((p + n for p, n in zip(prefix, new)), default=0) + 1
-    rows = rng.permutation(bs + 2)[:bs]  # req pool rows, not in sequence order
-    table = np.zeros((bs + 2, width), dtype=np.int64)
-    slots = rng.permutation(bs * width + 5)  # P slots; some never used
-    table[rows] = slots[:bs * width].reshape(bs, width)
+    if layout is None:
+        width = max((p + n for p, n in zip(prefix, new)), default=0) + 1
+        rows = rng.permutation(bs + 2)[:bs]  # req pool rows, not in sequence order
+        table = np.zeros((bs + 2, width), dtype=np.int64)
+        slots = rng.permutation(bs * width + 5)  # P slots; some never used
+        table[rows] = slots[:bs * width].reshape(bs, width)
+    else:
+        table = layout.req_to_token
+        rows = rng.permutation(layout.padding_req_row)[:bs]
+        if max((p + n for p, n in zip(prefix, new)), default=0) > table.shape[1]:
+            raise ValueError(f"case {case} does not fit the layout's {table.shape[1]} columns")
     ids, positions, locs, masks = [], [], [], []
     for s in range(bs):
         columns = np.arange(prefix[s], prefix[s] + new[s])
@@ -149,7 +189,12 @@ def build_world(case: ModelCase, cfg: RefConfig) -> World:
             positions.append(columns)
     seq_lens = np.asarray([p + (n if case.mode != "TARGET_VERIFY" else 0)
                            for p, n in zip(prefix, new)], dtype=np.int64)
-    pool_shape = (cfg.num_layers, len(slots), cfg.num_heads, cfg.head_dim)
+    if layout is None:
+        pool_shape = (cfg.num_layers, len(slots), cfg.num_heads, cfg.head_dim)
+        k_pool = rng.normal(size=pool_shape).astype(np.float32)
+        v_pool = rng.normal(size=pool_shape).astype(np.float32)
+    else:
+        k_pool, v_pool = layout.k_pool, layout.v_pool
 
     def flat(parts):
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
@@ -161,8 +206,7 @@ def build_world(case: ModelCase, cfg: RefConfig) -> World:
         extend_lens=np.asarray(new) if case.mode == "EXTEND" else None,
         prefix_lens=np.asarray(prefix) if case.mode == "EXTEND" else None,
         custom_mask=np.concatenate(masks) if masks else None,
-        req_to_token=table, k_pool=rng.normal(size=pool_shape).astype(np.float32),
-        v_pool=rng.normal(size=pool_shape).astype(np.float32),
+        req_to_token=table, k_pool=k_pool, v_pool=v_pool,
         num_token_non_padded=int(sum(new)))
 
 
@@ -239,20 +283,25 @@ def run_jax(world: World, cfg: RefConfig, weights: dict, *, tbo: bool = False,
             "expert_load": np.asarray(out.expert_load)}
 
 
-def torch_batch(world: World, *, dtype, device) -> ForwardBatch:
+def torch_batch(world: World, *, dtype, device, pools: Optional[tuple] = None) -> ForwardBatch:
+    """The world as a ForwardBatch on ``device``. ``pools``: ``(req_to_token, KVPool)`` to use
+    instead of fresh copies of the world's (a CUDA-graph runner's own pools)."""
     case = world.case
 
     def t(x):  # a copy: a run must never write into the world's arrays
         return None if x is None else torch.tensor(x, device=device)
 
+    if pools is None:
+        pools = (t(world.req_to_token), KVPool(t(world.k_pool).to(dtype),
+                                               t(world.v_pool).to(dtype)))
     seq_lens = torch.tensor(world.seq_lens)
     batch = ForwardBatch(
         forward_mode=ForwardMode[case.mode], batch_size=len(world.seq_lens),
         input_ids=t(world.input_ids), positions=t(world.positions),
         out_cache_loc=t(world.out_cache_loc), req_pool_indices=t(world.req_pool_indices),
         seq_lens=seq_lens.to(device), seq_lens_cpu=seq_lens,
-        num_token_non_padded=world.num_token_non_padded, req_to_token=t(world.req_to_token),
-        kv_pool=KVPool(t(world.k_pool).to(dtype), t(world.v_pool).to(dtype)))
+        num_token_non_padded=world.num_token_non_padded, req_to_token=pools[0],
+        kv_pool=pools[1])
     if case.mode == "EXTEND":
         lens, prefix = torch.tensor(world.extend_lens), torch.tensor(world.prefix_lens)
         batch.extend_seq_lens, batch.extend_seq_lens_cpu = lens.to(device), lens

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import torch
+
 from torch_impl import split_rules as rules
+from torch_impl.forward_batch import ForwardBatch
 from torch_impl.forward_mode import TBO_MODES, ForwardMode
 
 DEFAULT_THRESHOLD = 0.48
@@ -20,7 +23,7 @@ __all__ = [
     "DEFAULT_THRESHOLD", "ForwardMode", "TboChild", "token_num_per_seq",
     "compute_split_seq_index", "compute_split_token_index",
     "compute_split_indices_for_cuda_graph_replay", "compute_children_num_token_non_padded",
-    "derive_children", "compute_dp_tbo_decision",
+    "derive_children", "compute_dp_tbo_decision", "TboCudaGraphRunnerPlugin",
 ]
 
 
@@ -267,3 +270,73 @@ def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
     if all(can for can, _ in ranks) and len(busy_modes) == 1:
         return True, busy_modes.pop()
     return False, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA-graph runner's TBO plugin.
+# ---------------------------------------------------------------------------------------------
+
+
+class TboCudaGraphRunnerPlugin:
+    """What two-batch overlap adds to a CUDA-graph runner (upstream's name and two hooks).
+
+    A graph captured with TBO holds both micro-batches, cut where the *graph's* batch size
+    says. The only thing about the split that changes from replay to replay is how many of
+    each child's rows are real, so the plugin owns one static device tensor,
+    ``children_num_token_non_padded [2]``, and the captured children read their counts as
+    views of it (``[0]`` child A, ``[1]`` child B):
+
+    - ``capture_one_batch_size`` splits the runner's static batch and points the children's
+      counts at that tensor;
+    - ``replay_prepare`` recomputes the split from the graph's size
+      (``compute_split_indices_for_cuda_graph_replay``) and writes the children's real counts
+      (``compute_children_num_token_non_padded``) into the same tensor. Padding sits at the
+      end of the batch, so all of it falls into child B, which may hold no real token at all.
+
+    The preparer (``TboForwardBatchPreparer``) is injected: it builds the children.
+    """
+
+    def __init__(self, device, preparer):
+        self.device = torch.device(device)
+        self.preparer = preparer
+        self.children_num_token_non_padded = torch.zeros(2, dtype=torch.int64,
+                                                         device=self.device)
+
+    def capture_one_batch_size(self, batch: ForwardBatch, num_tokens: int) -> ForwardBatch:
+        """The static ``batch`` (every row treated as real, ``num_tokens`` of them) with
+        ``tbo_children`` whose non-padded counts are views of the plugin's tensor."""
+        if not batch.forward_mode.is_uniform():
+            raise ValueError(f"forward_mode {batch.forward_mode.name} is not captured in a "
+                             f"CUDA graph (DECODE and TARGET_VERIFY are)")
+        if num_tokens != batch.num_tokens:
+            raise ValueError(f"num_tokens={num_tokens}, the batch holds {batch.num_tokens}")
+        host_counts = dataclasses.replace(batch, num_token_non_padded=num_tokens)
+        prepared = self.preparer.prepare(host_counts)
+        counts = [child.num_token_non_padded for child in prepared.tbo_children]
+        for index, count in enumerate(counts):  # the capture-time values, as upstream
+            self.children_num_token_non_padded[index].fill_(count)
+        children = tuple(
+            dataclasses.replace(child,
+                                num_token_non_padded=self.children_num_token_non_padded[index])
+            for index, child in enumerate(prepared.tbo_children))
+        return dataclasses.replace(prepared, num_token_non_padded=batch.num_token_non_padded,
+                                   tbo_children=children)
+
+    def replay_prepare(self, forward_mode, bs: int, num_token_non_padded: int,
+                       spec_info=None) -> tuple:
+        """Write the children's real counts for a replay of the graph of ``bs`` sequences
+        holding ``num_token_non_padded`` real tokens; returns the (A, B) counts written.
+        IDLE replays as DECODE (the spec's choice)."""
+        draft = spec_info.draft_token_num if forward_mode is ForwardMode.TARGET_VERIFY \
+            and spec_info is not None else None
+        tnps = 1 if forward_mode is ForwardMode.IDLE else token_num_per_seq(forward_mode, draft)
+        rules.check_count("bs", bs, 1)
+        _, split_token = compute_split_indices_for_cuda_graph_replay(forward_mode, bs * tnps,
+                                                                     tnps)
+        a, b = compute_children_num_token_non_padded(split_token, num_token_non_padded)
+        if num_token_non_padded > bs * tnps:
+            raise ValueError(f"num_token_non_padded={num_token_non_padded} > the graph's "
+                             f"{bs * tnps} tokens")
+        self.children_num_token_non_padded[0].fill_(a)
+        self.children_num_token_non_padded[1].fill_(b)
+        return a, b

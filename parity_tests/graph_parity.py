@@ -1,0 +1,145 @@
+"""CUDA-graph replay parity: a runner's replays against the eager forward and the JAX spec.
+
+A ``GraphHarness`` holds a model, one serving layout (a request table and KV pools that every
+step shares, since graphs capture their addresses) and a ``CudaGraphRunner`` over them. For a
+step it builds a random batch of the given size on that layout and runs it three ways from the
+same starting pool: the runner (a padded replay), the eager forward, and the JAX spec (which
+knows nothing of padding). ``check_step`` compares them:
+
+- hidden states and logits of the real rows, and both KV pools on every slot but the
+  padding slot (max relative error against the dtype's bound);
+- the expert load (exactly): padding must count for nothing;
+- the replay changed no slot of the pool other than the batch's own and the padding slot.
+
+On a CPU the runner runs the same static-buffer path with the captured forward called eagerly
+(``use_cuda_graph=False``); on a GPU it replays real CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+
+from parity_tests import model_parity as mp
+from torch_impl.cuda_graph_runner import CudaGraphRunner
+from torch_impl.kv_cache import KVPool
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphScenario:
+    mode: str  # DECODE or TARGET_VERIFY
+    draft_token_num: Optional[int] = None
+    tree: bool = False
+
+    @property
+    def token_num_per_seq(self) -> int:
+        return 1 if self.mode == "DECODE" else self.draft_token_num
+
+
+SCENARIOS = {
+    "decode": GraphScenario("DECODE"),
+    "verify-chain": GraphScenario("TARGET_VERIFY", 3),
+    "verify-tree": GraphScenario("TARGET_VERIFY", 4, tree=True),
+}
+DRAFT_TOKEN_NUMS = (3, 4)
+
+
+class GraphHarness:
+    """A model on ``device``, a serving layout for up to ``max_bs`` requests, and a runner."""
+
+    def __init__(self, *, device: str, dtype_name: str = "float32", tbo: bool,
+                 max_bs: int, max_context_len: int = 24, seed: int = 0, **runner_kwargs):
+        self.device, self.dtype_name = torch.device(device), dtype_name
+        self.dtype = mp.TORCH_DTYPES[dtype_name]
+        # bf16 routes densely: see parity_tests/test_model_parity.py.
+        routing = {"num_experts": 4, "top_k": 4} if dtype_name == "bfloat16" else {}
+        self.ref_cfg, _, self.weights, self.model = mp.make_models(
+            seed=seed, dtype=self.dtype, device=self.device, **routing)
+        self.max_context_len = max_context_len
+        self.layout = mp.serving_layout(self.ref_cfg, max_bs, max_context_len, seed)
+        self.req_to_token = torch.tensor(self.layout.req_to_token, device=self.device)
+        self.pool = KVPool(torch.tensor(self.layout.k_pool).to(self.device, self.dtype),
+                           torch.tensor(self.layout.v_pool).to(self.device, self.dtype))
+        self.initial = self.pool.clone()
+        runner_kwargs = {"draft_token_nums": DRAFT_TOKEN_NUMS, "max_bs": max_bs} | runner_kwargs
+        self.runner = CudaGraphRunner(
+            self.model, self.pool, self.req_to_token, max_context_len=max_context_len,
+            padding_slot=self.layout.padding_slot, padding_req_row=self.layout.padding_req_row,
+            tbo=tbo, use_cuda_graph=self.device.type == "cuda", **runner_kwargs)
+
+    def world(self, scenario: GraphScenario, batch_size: int, seed: int) -> mp.World:
+        """A random batch of ``batch_size`` sequences on the layout: cached prefixes of 1 to
+        as many tokens as leave room for the step's own."""
+        rng = np.random.default_rng(seed)
+        room = self.max_context_len - scenario.token_num_per_seq
+        prefix = tuple(int(p) for p in rng.integers(1, room + 1, size=batch_size))
+        case = mp.ModelCase(scenario.mode, prefix, draft_token_num=scenario.draft_token_num,
+                            tree=scenario.tree, seed=seed)
+        return mp.build_world(case, self.ref_cfg, self.layout)
+
+    def batch(self, world: mp.World):
+        return mp.torch_batch(world, dtype=self.dtype, device=self.device,
+                              pools=(self.req_to_token, self.pool))
+
+    def _snapshot(self, out) -> dict:
+        return {"hidden": out.hidden.float().cpu().numpy(),
+                "logits": out.logits.float().cpu().numpy(),
+                "k_pool": self.pool.k.float().cpu().numpy(),
+                "v_pool": self.pool.v.float().cpu().numpy(),
+                "expert_load": out.expert_load.cpu().numpy()}
+
+    def reset_pool(self) -> None:
+        self.pool.k.copy_(self.initial.k)
+        self.pool.v.copy_(self.initial.v)
+
+    def run_runner(self, world: mp.World) -> tuple:
+        """(outputs, RunnerOutput) of the runner on the world, from the initial pool."""
+        self.reset_pool()
+        result = self.runner.forward(self.batch(world))
+        return self._snapshot(result.output), result
+
+    def run_eager(self, world: mp.World) -> dict:
+        self.reset_pool()
+        return self._snapshot(self.runner.eager(self.batch(world)))
+
+    def run_spec(self, world: mp.World) -> dict:
+        weights = self.weights
+        if self.dtype_name == "bfloat16":
+            world, weights = mp.bf16_oracle_inputs(world, weights)
+        return mp.run_jax(world, self.ref_cfg, weights)
+
+
+def _without_padding_slot(outputs: dict, padding_slot: int) -> dict:
+    kept = np.arange(outputs["k_pool"].shape[1]) != padding_slot
+    return outputs | {"k_pool": outputs["k_pool"][:, kept], "v_pool": outputs["v_pool"][:, kept]}
+
+
+def check_step(h: GraphHarness, world: mp.World, *, spec: bool = True) -> dict:
+    """Run the world three ways and compare (see the module docstring). ``ok`` sums it up."""
+    replayed, result = h.run_runner(world)
+    eager = h.run_eager(world)
+    slot = h.layout.padding_slot
+    runs = {"replay": replayed, "eager": eager}
+    if spec:
+        runs["spec"] = h.run_spec(world)
+    trimmed = {name: _without_padding_slot(out, slot) for name, out in runs.items()}
+    pairs = [("replay", "eager")] + ([("replay", "spec"), ("eager", "spec")] if spec else [])
+    report = {"replayed": result.replayed, "graph_bs": None}
+    if result.replayed:
+        report["graph_bs"] = h.runner.plan(h.batch(world)).graph_bs
+    for a, b in pairs:
+        report[f"{a}_vs_{b}"] = max(mp.relative_errors(trimmed[a], trimmed[b]).values())
+        report[f"load_{a}_vs_{b}"] = bool(np.array_equal(runs[a]["expert_load"],
+                                                         runs[b]["expert_load"]))
+    initial_k = h.initial.k.float().cpu().numpy()
+    changed = np.flatnonzero((replayed["k_pool"] != initial_k).any(axis=(0, 2, 3)))
+    allowed = set(world.out_cache_loc.tolist()) | {slot}
+    report["stray_slots"] = sorted(set(changed.tolist()) - allowed)
+    bound = mp.BOUNDS[h.dtype_name]
+    report["ok"] = (result.replayed and not report["stray_slots"]
+                    and all(report[f"{a}_vs_{b}"] <= bound and report[f"load_{a}_vs_{b}"]
+                            for a, b in pairs))
+    return report
