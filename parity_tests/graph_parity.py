@@ -7,7 +7,7 @@ same starting pool: the runner (a padded replay), the eager forward, and the JAX
 knows nothing of padding). ``check_step`` compares them:
 
 - hidden states and logits of the real rows, and both KV pools on every slot but the
-  padding slot (max relative error against the dtype's bound);
+  padding slot (relative error against the dtype's bound, see ``BOUNDS``);
 - the expert load (exactly): padding must count for nothing;
 - the replay changed no slot of the pool other than the batch's own and the padding slot.
 
@@ -51,7 +51,11 @@ class GraphHarness:
     """A model on ``device``, a serving layout for up to ``max_bs`` requests, and a runner."""
 
     def __init__(self, *, device: str, dtype_name: str = "float32", tbo: bool,
-                 max_bs: int, max_context_len: int = 24, seed: int = 0, **runner_kwargs):
+                 max_bs: int, max_context_len: int = 24, seed: int = 0,
+                 graph_context_len: Optional[int] = None, **runner_kwargs):
+        """``max_context_len``: columns of the layout's table (and the longest sequence the
+        harness generates); ``graph_context_len``: what the runner captures for (default the
+        same). ``runner_kwargs`` go to ``CudaGraphRunner``."""
         self.device, self.dtype_name = torch.device(device), dtype_name
         self.dtype = mp.TORCH_DTYPES[dtype_name]
         # bf16 routes densely: see parity_tests/test_model_parity.py.
@@ -66,7 +70,8 @@ class GraphHarness:
         self.initial = self.pool.clone()
         runner_kwargs = {"draft_token_nums": DRAFT_TOKEN_NUMS, "max_bs": max_bs} | runner_kwargs
         self.runner = CudaGraphRunner(
-            self.model, self.pool, self.req_to_token, max_context_len=max_context_len,
+            self.model, self.pool, self.req_to_token,
+            max_context_len=graph_context_len or max_context_len,
             padding_slot=self.layout.padding_slot, padding_req_row=self.layout.padding_req_row,
             tbo=tbo, use_cuda_graph=self.device.type == "cuda", **runner_kwargs)
 
@@ -85,11 +90,14 @@ class GraphHarness:
                               pools=(self.req_to_token, self.pool))
 
     def _snapshot(self, out) -> dict:
-        return {"hidden": out.hidden.float().cpu().numpy(),
-                "logits": out.logits.float().cpu().numpy(),
-                "k_pool": self.pool.k.float().cpu().numpy(),
-                "v_pool": self.pool.v.float().cpu().numpy(),
-                "expert_load": out.expert_load.cpu().numpy()}
+        """Copies (on a CPU ``.float().cpu().numpy()`` of a float32 tensor would alias the
+        live pool, which the next run resets: the copy is what makes the pool checks real)."""
+        def copy(tensor):
+            return np.array(tensor.float().cpu().numpy(), copy=True)
+
+        return {"hidden": copy(out.hidden), "logits": copy(out.logits),
+                "k_pool": copy(self.pool.k), "v_pool": copy(self.pool.v),
+                "expert_load": np.array(out.expert_load.cpu().numpy(), copy=True)}
 
     def reset_pool(self) -> None:
         self.pool.k.copy_(self.initial.k)
@@ -112,6 +120,32 @@ class GraphHarness:
         return mp.run_jax(world, self.ref_cfg, weights)
 
 
+# The bound each comparison is held to: (metric, bound). "max" is model_parity's
+# max|x - y| / max|y| per tensor; "norm" is ||x - y|| / ||y|| per tensor.
+#
+# float32: every pair within the model bound, elementwise.
+# bfloat16: replay vs eager is the same bf16 model on the same inputs, so it is held to the model
+# bound elementwise. Against the float32 spec the bf16 model is held to the model bound
+# *normwise*: the elementwise maximum samples the tail of some twenty bf16 roundings per
+# value, and that tail grows with the number of rows compared. Measured (CPU, eager, no graph
+# involved): 12 fixed model scenarios <= 1.8e-2 elementwise, but random batches of 9 to 16
+# sequences reach 3.05e-2 elementwise while staying at 0.9e-2 to 1.4e-2 normwise. The
+# elementwise figure is still reported for every step.
+BOUNDS = {
+    "float32": {"eager": ("max", 1e-5), "spec": ("max", 1e-5)},
+    "bfloat16": {"eager": ("max", 2e-2), "spec": ("norm", 2e-2)},
+}
+
+
+def normwise_errors(got: dict, want: dict) -> dict:
+    """||got - want|| / ||want|| for each float output."""
+    errors = {}
+    for name in mp.OUTPUTS:
+        x, y = got[name].astype(np.float64), want[name].astype(np.float64)
+        errors[name] = float(np.linalg.norm(x - y)) / max(float(np.linalg.norm(y)), 1e-30)
+    return errors
+
+
 def _without_padding_slot(outputs: dict, padding_slot: int) -> dict:
     kept = np.arange(outputs["k_pool"].shape[1]) != padding_slot
     return outputs | {"k_pool": outputs["k_pool"][:, kept], "v_pool": outputs["v_pool"][:, kept]}
@@ -130,16 +164,19 @@ def check_step(h: GraphHarness, world: mp.World, *, spec: bool = True) -> dict:
     report = {"replayed": result.replayed, "graph_bs": None}
     if result.replayed:
         report["graph_bs"] = h.runner.plan(h.batch(world)).graph_bs
+    bounds = BOUNDS[h.dtype_name]
+    held = []
     for a, b in pairs:
         report[f"{a}_vs_{b}"] = max(mp.relative_errors(trimmed[a], trimmed[b]).values())
+        report[f"{a}_vs_{b}_norm"] = max(normwise_errors(trimmed[a], trimmed[b]).values())
         report[f"load_{a}_vs_{b}"] = bool(np.array_equal(runs[a]["expert_load"],
                                                          runs[b]["expert_load"]))
+        metric, bound = bounds[b]
+        error = report[f"{a}_vs_{b}" + ("_norm" if metric == "norm" else "")]
+        held.append(error <= bound and report[f"load_{a}_vs_{b}"])
     initial_k = h.initial.k.float().cpu().numpy()
     changed = np.flatnonzero((replayed["k_pool"] != initial_k).any(axis=(0, 2, 3)))
     allowed = set(world.out_cache_loc.tolist()) | {slot}
     report["stray_slots"] = sorted(set(changed.tolist()) - allowed)
-    bound = mp.BOUNDS[h.dtype_name]
-    report["ok"] = (result.replayed and not report["stray_slots"]
-                    and all(report[f"{a}_vs_{b}"] <= bound and report[f"load_{a}_vs_{b}"]
-                            for a, b in pairs))
+    report["ok"] = result.replayed and not report["stray_slots"] and all(held)
     return report

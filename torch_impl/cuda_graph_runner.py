@@ -330,9 +330,10 @@ class CudaGraphRunner:
         s.num_token_non_padded.fill_(n)
 
     @torch.no_grad()
-    def replay(self, batch: ForwardBatch) -> ModelOutput:
-        """The forward of ``batch`` by replaying the smallest graph that fits it. Outputs are
-        views of the graph's buffers, overwritten by the next replay."""
+    def prepare_replay(self, batch: ForwardBatch) -> tuple:
+        """Everything a replay does before the graph runs: check the batch, plan it, write its
+        inputs and padding into the static buffers, write the real-token counts (the
+        children's through the plugin). Returns ``(key, plan)`` of the graph to replay."""
         self._check_batch(batch)
         refusal = self.refusal(batch)
         if refusal is not None:
@@ -344,6 +345,13 @@ class CudaGraphRunner:
         if self.tbo:
             self.plugin.replay_prepare(batch.forward_mode, plan.graph_bs,
                                        plan.num_token_non_padded, batch.spec_info)
+        return key, plan
+
+    @torch.no_grad()
+    def replay(self, batch: ForwardBatch) -> ModelOutput:
+        """The forward of ``batch`` by replaying the smallest graph that fits it. Outputs are
+        views of the graph's buffers, overwritten by the next replay."""
+        key, plan = self.prepare_replay(batch)
         out = self._graphs[key]()
         self.replays += 1
         n = plan.num_token_non_padded
