@@ -9,6 +9,9 @@
 2. *Model parity*: runs the small MoE model on each named scenario three ways (JAX spec,
    PyTorch plain, PyTorch two-batch overlap) and reports the max relative errors between them
    against the bound of the dtype (float32 1e-5, bfloat16 2e-2).
+3. *Graph replay parity* (``--device=cuda`` only; one line says it was skipped otherwise):
+   a padded DECODE and TARGET_VERIFY batch replayed from CUDA graphs, plain and with TBO,
+   against the eager forward and the JAX spec.
 
 It exits 1 on any mismatch, after printing the first mismatching split case as a literal to
 paste into a test.
@@ -70,6 +73,53 @@ def check_models(device: str, dtype: str) -> list:
     return rows
 
 
+GRAPH_BATCH_SIZE = 5  # replayed in the graph of 8: padded, and under TBO child B holds padding
+
+
+def graph_skip_reason(device: str) -> str:
+    """Why graph-replay rows are not run (empty when they are)."""
+    import torch
+
+    if device != "cuda":
+        return "--device=cpu (CUDA graphs need --device=cuda)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return ""
+
+
+def check_graphs(dtype: str) -> list:
+    """CUDA-graph replay parity: a padded DECODE and TARGET_VERIFY batch, plain and TBO, each
+    replayed and compared with the eager forward and the JAX spec (graph_parity.check_step)."""
+    from parity_tests.graph_parity import SCENARIOS, GraphHarness, check_step
+
+    rows = []
+    for tbo in (False, True):
+        h = GraphHarness(device="cuda", dtype_name=dtype, tbo=tbo, max_bs=8)
+        for name in ("decode", "verify-tree"):
+            start = time.perf_counter()
+            world = h.world(SCENARIOS[name], GRAPH_BATCH_SIZE, seed=11)
+            report = check_step(h, world)
+            label = f"{name} {'tbo' if tbo else 'plain'} bs {GRAPH_BATCH_SIZE}->{report['graph_bs']}"
+            rows.append({"mode": label, "kind": f"graph {dtype}", "cases": 1,
+                         "mismatches": 0 if report["ok"] else 1,
+                         "seconds": time.perf_counter() - start, **report})
+    return rows
+
+
+def format_graph_table(rows: list) -> str:
+    """Graph rows: replay vs eager, replay vs the JAX spec, eager vs the spec (max relative
+    error; bf16 against the spec is held to its bound normwise, graph_parity.BOUNDS)."""
+    lines = [f"{'graph replay':<40} {'cases':>6} {'mismatches':>10} {'time':>7}  "
+             f"{'rep~eager':>9} {'rep~jax':>9} {'eager~jax':>9}"]
+    for row in rows:
+        errors = " ".join(f"{row[k]:>9.1e}" for k in
+                          ("replay_vs_eager", "replay_vs_spec", "eager_vs_spec"))
+        label = f"{row['kind']} {row['mode']}"
+        lines.append(f"{label:<40} {row['cases']:>6} {row['mismatches']:>10} "
+                     f"{row['seconds']:>6.1f}s  {errors}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list) -> str:
     header = (f"{'check':<40} {'cases':>6} {'mismatches':>10} {'time':>7}  "
               f"{'plain~jax':>9} {'tbo~plain':>9} {'tbo~jax':>9}")
@@ -86,9 +136,20 @@ def format_table(rows: list) -> str:
 def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu",
                dtype: str = "float32") -> int:
     rows = [check_mode(mode, count, seed) for mode in MODES]
+    graph_rows = []
     if model:
         rows += check_models(device, dtype)
+        skip = graph_skip_reason(device)
+        if not skip:
+            graph_rows = check_graphs(dtype)
     print(format_table(rows))
+    if graph_rows:
+        print()
+        print(format_graph_table(graph_rows))
+    elif model:
+        print(f"\ngraph replay parity: skipped, {skip}; on a CPU the same replay path runs "
+              f"without graphs in parity_tests/test_cuda_graph.py")
+    rows += graph_rows
     failed = [row for row in rows if row["mismatches"]]
     for row in [row for row in failed if row.get("first")][:1]:
         case, wrong = row["first"]

@@ -174,6 +174,8 @@ def check_step(h: GraphHarness, world: mp.World, *, spec: bool = True) -> dict:
         metric, bound = bounds[b]
         error = report[f"{a}_vs_{b}" + ("_norm" if metric == "norm" else "")]
         held.append(error <= bound and report[f"load_{a}_vs_{b}"])
+    report["load_total_replay"] = int(replayed["expert_load"].sum())
+    report["load_total_eager"] = int(eager["expert_load"].sum())
     initial_k = h.initial.k.float().cpu().numpy()
     changed = np.flatnonzero((replayed["k_pool"] != initial_k).any(axis=(0, 2, 3)))
     allowed = set(world.out_cache_loc.tolist()) | {slot}

@@ -73,12 +73,16 @@ def _failures(reports: dict) -> dict:
 @pytest.mark.parametrize("tbo", [False, True], ids=["plain", "tbo"])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_replay_matches_eager_and_spec(harness, device, dtype_name, tbo, scenario):
+def test_every_replay_matches_eager_and_spec(harness, record_property, device, dtype_name, tbo,
+                                            scenario):
     """Every real batch size from 1 to the largest graph, so most replays are padded (and
-    under TBO a padded replay's child B holds padding)."""
+    under TBO a padded replay's child B holds padding). The worst errors go into the JUnit
+    report (docs/gpu-results.md quotes them)."""
     h = harness(device, dtype_name, tbo)
     reports = {bs: check_step(h, h.world(scenario, bs, seed=1000 + bs))
                for bs in range(1, MAX_BS[device] + 1)}
+    for name in ("replay_vs_eager", "replay_vs_spec", "replay_vs_spec_norm", "eager_vs_spec"):
+        record_property(f"max_{name}", f"{max(r[name] for r in reports.values()):.2e}")
     assert _failures(reports) == {}
     assert sum(r["graph_bs"] > bs for bs, r in reports.items()) >= 2  # padded replays ran
 
@@ -160,13 +164,15 @@ def test_consecutive_replays_stay_correct_and_allocate_nothing(harness, device, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_stale_children_counts_fail_parity(device):
+def test_stale_children_counts_fail_parity(record_property, device):
     """A plugin that keeps the capture-time counts lets padding rows route to experts: the
     expert load of every padded replay is wrong, so the parity check must fail there (and
     only there: a replay without padding has nothing to miscount)."""
     stale = GraphHarness(device=device, tbo=True, max_bs=8,
                          plugin=StaleCountPlugin(device, TboForwardBatchPreparer()))
     padded = check_step(stale, stale.world(SCENARIOS["decode"], 5, seed=2))
+    for name in ("ok", "replay_vs_eager", "load_total_replay", "load_total_eager"):
+        record_property(f"stale_bs5_graph8_{name}", padded[name])
     assert not padded["ok"] and not padded["load_replay_vs_eager"], padded
     assert not padded["load_replay_vs_spec"]
     full = check_step(stale, stale.world(SCENARIOS["decode"], 8, seed=2))
