@@ -108,7 +108,8 @@ def check_graphs(dtype: str) -> list:
 
 def format_graph_table(rows: list) -> str:
     """Graph rows: replay vs eager, replay vs the JAX spec, eager vs the spec (max relative
-    error; bf16 against the spec is held to its bound normwise, graph_parity.BOUNDS)."""
+    error, held to graph_parity.BOUNDS: float32 1e-5; bfloat16 2e-2 against eager and
+    5.3e-2 against the float32 spec)."""
     lines = [f"{'graph replay':<40} {'cases':>6} {'mismatches':>10} {'time':>7}  "
              f"{'rep~eager':>9} {'rep~jax':>9} {'eager~jax':>9}"]
     for row in rows:

@@ -120,20 +120,25 @@ class GraphHarness:
         return mp.run_jax(world, self.ref_cfg, weights)
 
 
-# The bound each comparison is held to: (metric, bound). "max" is model_parity's
-# max|x - y| / max|y| per tensor; "norm" is ||x - y|| / ||y|| per tensor.
+# The bound each comparison is held to (max|x - y| / max|y| per tensor, model_parity's metric).
 #
-# float32: every pair within the model bound, elementwise.
-# bfloat16: replay vs eager is the same bf16 model on the same inputs, so it is held to the model
-# bound elementwise. Against the float32 spec the bf16 model is held to the model bound
-# *normwise*: the elementwise maximum samples the tail of some twenty bf16 roundings per
-# value, and that tail grows with the number of rows compared. Measured (CPU, eager, no graph
-# involved): 12 fixed model scenarios <= 1.8e-2 elementwise, but random batches of 9 to 16
-# sequences reach 3.05e-2 elementwise while staying at 0.9e-2 to 1.4e-2 normwise. The
-# elementwise figure is still reported for every step.
+# float32: every pair within the model bound, 1e-5.
+# bfloat16, replay vs eager: the same bf16 model on the same inputs; on a GPU the padded graph's
+# matrix products may pick other kernels than the eager ones, so within the model bound, 2e-2
+# (measured on an H200: <= 6.0e-3; on the CPU: 0).
+# bfloat16, against the float32 spec: the first-order forward-error bound n * u of a path of
+# n bf16 roundings, u = 2^-9 (round to nearest). Along the longest path from embedding to
+# logits the bf16 model rounds 27 times: per layer 12 (residual add, norm, projection, rotary,
+# attention output, output projection, residual add, norm, expert gate/up, activation, expert
+# down, layer output), twice, then residual add, final norm and LM head. 27 * 2^-9 = 5.3e-2.
+# The model suite's 2e-2 is a measurement over its 12 fixed scenarios (<= 1.8e-2), not a
+# bound: on random batches of up to 64 sequences the *eager* bf16 model, no graph involved,
+# reaches 2.3e-2 on an H200 and 3.05e-2 on the CPU (its worst row; the normwise error stays
+# 1.2e-2 to 2.0e-2). The normwise error is reported too.
+BF16_ROUNDINGS = 27
 BOUNDS = {
-    "float32": {"eager": ("max", 1e-5), "spec": ("max", 1e-5)},
-    "bfloat16": {"eager": ("max", 2e-2), "spec": ("norm", 2e-2)},
+    "float32": {"eager": 1e-5, "spec": 1e-5},
+    "bfloat16": {"eager": 2e-2, "spec": BF16_ROUNDINGS * 2.0 ** -9},
 }
 
 
@@ -171,9 +176,7 @@ def check_step(h: GraphHarness, world: mp.World, *, spec: bool = True) -> dict:
         report[f"{a}_vs_{b}_norm"] = max(normwise_errors(trimmed[a], trimmed[b]).values())
         report[f"load_{a}_vs_{b}"] = bool(np.array_equal(runs[a]["expert_load"],
                                                          runs[b]["expert_load"]))
-        metric, bound = bounds[b]
-        error = report[f"{a}_vs_{b}" + ("_norm" if metric == "norm" else "")]
-        held.append(error <= bound and report[f"load_{a}_vs_{b}"])
+        held.append(report[f"{a}_vs_{b}"] <= bounds[b] and report[f"load_{a}_vs_{b}"])
     report["load_total_replay"] = int(replayed["expert_load"].sum())
     report["load_total_eager"] = int(eager["expert_load"].sum())
     initial_k = h.initial.k.float().cpu().numpy()

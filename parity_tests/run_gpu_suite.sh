@@ -23,7 +23,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda); print('jax', jax.
 cat "$OUT/env.txt"
 status=0
 if [[ $STAGE == tests || $STAGE == all ]]; then
-  timeout 560 python3 -m pytest parity_tests -q -m gpu -p no:cacheprovider -rs --durations=8 \
+  timeout 560 python3 -m pytest parity_tests -q -m gpu -p no:cacheprovider -rs --durations=8 -o junit_family=legacy \
     --junitxml="$OUT/gpu-junit.xml" > "$OUT/gpu-pytest.log" 2>&1 || status=1
   grep -E "passed|failed|^FAILED|Error" "$OUT/gpu-pytest.log" | tail -n 20
 fi
