@@ -1,6 +1,9 @@
 """`tbo-parity`: check the PyTorch implementation against the JAX spec.
 
     tbo-parity run [--cases_per_mode=1000] [--seed=0] [--device=cpu] [--dtype=float32]
+                   [--nomodel]
+    tbo-parity verify [--max_seqs=5] [--max_len=12] [--max_bs=256] [--max_draft=8]
+                      [--max_graph_bs=256] [--workers=N]
 
 `run` does two things and prints one table:
 
@@ -15,6 +18,12 @@
 
 It exits 1 on any mismatch, after printing the first mismatching split case as a literal to
 paste into a test.
+
+`verify` checks *every* batch within small bounds instead of a sample
+(parity_tests/exhaustive.py): the JAX spec vmapped over all of them, the implementation batch
+by batch in worker processes, every index and child field compared and the spec's invariants
+asserted. It prints a row per family, the batches per second of each side, and exits 1 with the
+first counterexample as a `SplitCase(...)` literal on any disagreement.
 """
 
 from __future__ import annotations
@@ -33,8 +42,23 @@ flags.DEFINE_integer("seed", 0, "Seed of the batch generator.")
 flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where the PyTorch model runs.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The PyTorch model's dtype.")
 flags.DEFINE_bool("model", True, "Also check model outputs (JAX vs torch plain vs torch TBO).")
+# verify: the bounds of the exhaustive check (parity_tests/exhaustive.py)
+flags.DEFINE_integer("max_seqs", 5, "verify: EXTEND batches of 1..max_seqs sequences.",
+                     lower_bound=1, upper_bound=7)
+flags.DEFINE_integer("max_len", 12, "verify: EXTEND lengths 1..max_len.", lower_bound=1,
+                     upper_bound=64)
+flags.DEFINE_integer("max_bs", 256, "verify: DECODE/TARGET_VERIFY batch sizes 0..max_bs.",
+                     lower_bound=1, upper_bound=4096)
+flags.DEFINE_integer("max_draft", 8, "verify: draft token counts 1..max_draft.", lower_bound=1,
+                     upper_bound=64)
+flags.DEFINE_integer("max_graph_bs", 256, "verify: captured graph sizes 1..max_graph_bs, each "
+                     "with every real batch size 0..size.", lower_bound=1, upper_bound=2048)
+flags.DEFINE_integer("workers", None, "verify: processes running the implementation "
+                     "(default: one per CPU; 1 runs it in this process).", lower_bound=1)
 
-COMMANDS = ("run",)
+COMMANDS = ("run", "verify")
+VERIFY_FLAGS = ("max_seqs", "max_len", "max_bs", "max_draft", "max_graph_bs", "workers")
+RUN_FLAGS = ("cases_per_mode", "seed", "device", "dtype", "model")
 
 
 def check_mode(mode: str, count: int, seed: int) -> dict:
@@ -161,10 +185,55 @@ def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu
     return 1 if failed else 0
 
 
+def run_verify(bounds, workers: int) -> int:
+    """The exhaustive check (parity_tests/exhaustive.py): a row per family as it completes."""
+    from parity_tests import exhaustive
+
+    print(f"every batch within: EXTEND 1..{bounds.max_seqs} sequences of 1..{bounds.max_len} "
+          f"tokens at thresholds {', '.join(map(str, bounds.thresholds))} (cached prefixes "
+          f"{' and '.join(map(str, bounds.prefixes))} at {exhaustive.spec.DEFAULT_THRESHOLD}); "
+          f"DECODE/TARGET_VERIFY batch sizes 0..{bounds.max_bs}, drafts 1..{bounds.max_draft}; "
+          f"graph replay of sizes 1..{bounds.max_graph_bs} with every real batch size")
+    print(exhaustive.HEADER, flush=True)
+    reports = exhaustive.verify(
+        bounds, workers, on_report=lambda r: print(exhaustive.format_row(r), flush=True))
+    print(exhaustive.LEGEND)
+    total = sum(r.batches for r in reports)
+    failed = [r for r in reports if r.disagreements or r.invariant_failures]
+    if not failed:
+        print(f"\nOK: {total:,} batches, 0 disagreements, 0 invariant failures")
+        return 0
+    case, wrong = next(r.first for r in failed if r.first)
+    print(f"\nFAIL: {sum(r.disagreements for r in reports):,} disagreements, "
+          f"{sum(r.invariant_failures for r in reports):,} invariant failures; the first:\n"
+          f"    {case!r}")
+    for line in wrong:
+        print(f"    {line}")
+    return 1
+
+
+def _check_command_flags(command: str) -> None:
+    """A flag of the other command means nothing here: say so instead of ignoring it."""
+    foreign = VERIFY_FLAGS if command == "run" else RUN_FLAGS
+    given = [name for name in foreign if FLAGS[name].present]
+    if given:
+        raise app.UsageError(f"--{given[0]} does not apply to `tbo-parity {command}`")
+
+
 def _main(argv) -> int:
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"usage: tbo-parity {{{'|'.join(COMMANDS)}}} [flags]")
+    _check_command_flags(commands[0])
+    if commands[0] == "verify":
+        import os
+
+        from parity_tests.exhaustive import Bounds
+
+        logging.set_verbosity(logging.WARNING)
+        bounds = Bounds(FLAGS.max_seqs, FLAGS.max_len, FLAGS.max_bs, FLAGS.max_draft,
+                        FLAGS.max_graph_bs)
+        return run_verify(bounds, FLAGS.workers or os.cpu_count() or 1)
     if FLAGS.model and FLAGS.device == "cuda":
         import torch
 
