@@ -372,19 +372,32 @@ BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # justified in parity_tests/test_m
 
 def compare_case(world: World, ref_cfg: RefConfig, weights: dict, model: MoEModel,
                  dtype_name: str) -> dict:
-    """Max relative errors of plain-vs-JAX, TBO-vs-plain and TBO-vs-JAX, and whether the
-    expert loads agree; for bfloat16 the JAX oracle gets the bf16-rounded weights and cache."""
+    """Every comparison of one scenario: torch plain vs JAX, torch TBO vs torch plain, torch TBO
+    vs JAX, and JAX TBO vs JAX plain; for bfloat16 the JAX oracle gets the bf16-rounded
+    weights and cache. Returns the max relative error per pair (``<pair>``), per pair and
+    tensor (``errors``), whether the expert loads agree (``expert_load_equal``), what failed
+    (``failures``, one line each: pair, tensor, error against the bound, or the load) and
+    ``ok``."""
     dtype = TORCH_DTYPES[dtype_name]
     if dtype_name == "bfloat16":
         world, weights = bf16_oracle_inputs(world, weights)
     spec_out = run_jax(world, ref_cfg, weights)
+    spec_tbo = run_jax(world, ref_cfg, weights, tbo=True)
     plain = run_torch(world, model, tbo=False, dtype=dtype)
     tbo = run_torch(world, model, tbo=True, dtype=dtype)
     pairs = {"plain_vs_jax": (plain, spec_out), "tbo_vs_plain": (tbo, plain),
-             "tbo_vs_jax": (tbo, spec_out)}
-    result = {name: max(relative_errors(a, b).values()) for name, (a, b) in pairs.items()}
-    result["expert_load_equal"] = all(np.array_equal(a["expert_load"], b["expert_load"])
-                                      for a, b in pairs.values())
-    result["ok"] = result["expert_load_equal"] and max(
-        result[name] for name in pairs) <= BOUNDS[dtype_name]
+             "tbo_vs_jax": (tbo, spec_out), "jax_tbo_vs_jax": (spec_tbo, spec_out)}
+    bound = BOUNDS[dtype_name]
+    result = {"errors": {}, "failures": []}
+    for name, (a, b) in pairs.items():
+        errors = relative_errors(a, b)
+        result["errors"][name] = errors
+        result[name] = max(errors.values())
+        result["failures"] += [f"{name} {tensor}: {error:.2e} > bound {bound:.0e}"
+                               for tensor, error in errors.items() if error > bound]
+        if not np.array_equal(a["expert_load"], b["expert_load"]):
+            result["failures"].append(f"{name} expert_load: {a['expert_load'].tolist()} != "
+                                      f"{b['expert_load'].tolist()}")
+    result["expert_load_equal"] = not any("expert_load" in f for f in result["failures"])
+    result["ok"] = not result["failures"]
     return result

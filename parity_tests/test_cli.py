@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from parity_tests import cli
 from parity_tests.split_parity import SplitCase
 from torch_impl import two_batch_overlap as impl
@@ -35,8 +37,85 @@ def test_run_fails_on_a_planted_bug_and_prints_the_case(monkeypatch, capsys):
     assert "split_token_index" in out and "FAIL" in out
 
 
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
+                          capture_output=True, text=True)
+
+
 def test_unknown_command_is_a_usage_error():
-    result = subprocess.run([sys.executable, "-m", "parity_tests.cli", "walk"],
-                            capture_output=True, text=True)
-    assert result.returncode != 0
+    result = _cli("walk")
+    assert result.returncode == 2
     assert "usage: tbo-parity" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["-h"], ["verify", "--help"]],
+                         ids=["help", "run-help", "h", "verify-help"])
+def test_help_lists_commands_flags_defaults_and_examples_and_exits_zero(args):
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for command in cli.COMMANDS:
+        assert f"  {command} " in out
+    for _, names in cli.COMMANDS.values():
+        for name in names:
+            line = next(line for line in out.splitlines() if f"--{name} " in line
+                        or f"--[no]{name} " in line)
+            assert f"(default: {cli.FLAGS[name].default})" in line, line
+    assert "examples:" in out and "tbo-parity run" in out
+    assert out.count("usage:") == 1
+
+
+@pytest.mark.parametrize("args,words", [
+    ([], "no command given"),
+    (["walk"], "unknown command"),
+    (["run", "verify"], "unknown command"),
+    (["run", "--seed=-1"], "--seed"),
+    (["run", "--cases_per_mode=0"], "--cases_per_mode"),
+    (["run", "--device=tpu"], "--device"),
+    (["run", "--no_such_flag"], "no_such_flag"),
+    (["verify", "--max_seqs=0"], "--max_seqs"),
+    (["run", "--device=cuda", "--nomodel"], "--nomodel"),
+    (["run", "--dtype=bfloat16", "--nomodel"], "--nomodel"),
+    (["run", "--max_len=3"], "--max_len applies to `tbo-parity verify`"),
+    (["verify", "--seed=3"], "--seed applies to `tbo-parity run`"),
+], ids=["none", "unknown", "two", "seed", "cases", "device", "unknown-flag", "max-seqs",
+        "cuda-nomodel", "dtype-nomodel", "verify-flag-on-run", "run-flag-on-verify"])
+def test_bad_usage_is_one_line_and_exit_two(args, words):
+    result = _cli(*args)
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_jax():
+    code = ("import sys; from parity_tests import cli; cli._main(['tbo-parity', '--help']); "
+            "cli._main(['tbo-parity', 'walk']); "
+            "print(sorted(m for m in ('torch', 'jax', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_a_failing_model_row_names_the_comparison_and_prints_a_reproducer(monkeypatch, capsys):
+    """Plant a bug: child B's stages run before child A's. The two-chunk scenario's TBO rows
+    must fail, and the report must say which pair and tensor failed, with the scenario as a
+    pasteable ModelCase literal."""
+    from parity_tests import model_parity as mp
+    from parity_tests.model_parity import ModelCase  # noqa: F401  (the literal's namespace)
+    from torch_impl import overlap
+
+    monkeypatch.setattr(mp, "CASES", {"two-chunk": mp.CASES["extend-two-chunk-prefixed"]})
+    monkeypatch.setattr(mp, "PADDED", {})
+    original = overlap.execute_overlapped_operations
+
+    def b_first(states, operations_arr, delta_stages, **kwargs):
+        return original(states[::-1], operations_arr[::-1], delta_stages, **kwargs)[::-1]
+
+    monkeypatch.setattr(overlap, "execute_overlapped_operations", b_first)
+    assert cli.run_parity(count=1, seed=0, model=True) == 1
+    out = capsys.readouterr().out
+    report = out.split("first failing model scenario (two-chunk):")[1].splitlines()
+    literal = report[1].strip().split(";")[0]
+    assert eval(literal, {"ModelCase": mp.ModelCase}) == mp.CASES["two-chunk"]
+    assert any(line.strip().startswith("tbo_vs_plain hidden:") and "> bound" in line
+               for line in report[2:])
+    assert "model float32 two-chunk" in out and "FAIL" in out
