@@ -24,7 +24,7 @@ from torch_impl.forward_batch import ForwardBatch
 from torch_impl.operations import State, YieldOperation
 from torch_impl.overlap import model_forward_maybe_tbo
 
-# The two published layouts (TBO_SEMANTICS, "Overlapped execution"); the schedule is data.
+# The two published layouts (docs/spec.md, "Overlapped execution"); the schedule is data.
 LAYOUTS = {
     "prefill": ("attn_input_prep attn_qkv attn_core mlp_input_prep router_gate select_experts "
                 "dispatch_launch | dispatch_wait routed_experts combine_launch | "

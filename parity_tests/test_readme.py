@@ -1,0 +1,32 @@
+"""The README's Python API example runs and says what the README says it says."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _api_block() -> str:
+    section = README.read_text().split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_api_example_prints_equal_children_on_both_sides():
+    block = _api_block()
+    assert len(block.strip().splitlines()) == 5  # "five lines"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, str(README), "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == [
+        "reference.split", "torch_impl.two_batch_overlap"]
+    spec_children = [line.split("(", 1)[1] for line in lines[1:3]]
+    impl_children = [line.split("(", 1)[1] for line in lines[4:6]]
+    assert spec_children == impl_children
+    assert "seq_range=(0, 2), token_range=(0, 1050)" in spec_children[0]
+    assert "seq_range=(1, 2), token_range=(1050, 2100)" in spec_children[1]
+    assert "extend_prefix_lens=(950,)" in spec_children[1]
