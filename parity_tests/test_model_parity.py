@@ -19,6 +19,8 @@ machine those cases skip.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,7 @@ import torch
 from parity_tests.model_parity import (CASES, PADDED, ModelCase, bf16_oracle_inputs,
                                        build_world, make_models, pad_world, relative_errors,
                                        run_jax, run_torch, torch_batch)
+from reference import split as spec
 from torch_impl import overlap
 from torch_impl.attention import TorchAttnBackend
 from torch_impl.model import MoEModel
@@ -82,6 +85,55 @@ def test_padded_batch_tbo_matches_plain_matches_jax(models, case, num_padding):
     plain = run_torch(world, model, tbo=False)
     _assert_close(plain, spec_out, F32_BOUND, "torch plain vs JAX")
     _assert_close(run_torch(world, model, tbo=True), plain, F32_BOUND, "TBO vs plain")
+
+
+# Padding past the spec's cut: (case, padding sequences appended by pad_world, real tokens).
+# The spec cuts the padded DECODE batch (6 + 2 sequences) at token 4 and the padded
+# TARGET_VERIFY batch (3 + 3 sequences of 2 drafts) at token 6; every real count below leaves
+# child B padding only, and all but the last of each mode let the padding reach into child A
+# (real sequences past the count are treated as padding, as a graph replay would).
+_DECODE_6 = ModelCase("DECODE", (5, 9, 3, 7, 2, 6), seed=12)
+_VERIFY_3 = ModelCase("TARGET_VERIFY", (5, 9, 3), draft_token_num=2, seed=13)
+PADDING_PAST_THE_CUT = (
+    pytest.param(_DECODE_6, 2, 3, id="decode-padding-reaches-into-a"),
+    pytest.param(_DECODE_6, 2, 1, id="decode-one-real-token"),
+    pytest.param(_DECODE_6, 2, 0, id="decode-no-real-token"),
+    pytest.param(_DECODE_6, 2, 4, id="decode-b-padding-only"),
+    pytest.param(_VERIFY_3, 3, 5, id="verify-padding-reaches-into-a"),
+    pytest.param(_VERIFY_3, 3, 6, id="verify-b-padding-only"),
+)
+
+
+def _spec_real_counts(world) -> tuple:
+    """(child A's tokens, (A's, B's) real tokens) of the spec's split of a uniform batch."""
+    mode = spec.ForwardMode[world.case.mode]
+    tokens_per_seq = spec.token_num_per_seq(mode, world.case.draft_token_num)
+    child_a, _ = spec.derive_children(mode, world.seq_lens.tolist(), None, None, tokens_per_seq)
+    split = child_a.token_range[1]
+    return split, spec.compute_children_num_token_non_padded(split, world.num_token_non_padded)
+
+
+@pytest.mark.parametrize("case,num_padding,num_real", PADDING_PAST_THE_CUT)
+def test_padding_past_the_cut_matches_across_torch_and_jax_tbo(models, case, num_padding,
+                                                               num_real):
+    """Padding reaching into child A, child B holding padding only: torch TBO, JAX TBO
+    (``reference.operations.forward_tbo``), JAX plain and torch plain agree, expert loads
+    exactly, and every layer routes exactly ``num_real * top_k`` (token, expert) pairs."""
+    ref_cfg, _, weights, model = models
+    world = dataclasses.replace(pad_world(build_world(case, ref_cfg), num_padding),
+                                num_token_non_padded=num_real)
+    split, (real_a, real_b) = _spec_real_counts(world)
+    assert real_b == 0 and (real_a < split or num_real == split), "not the scenario described"
+    jax_plain = run_jax(world, ref_cfg, weights)
+    np.testing.assert_array_equal(jax_plain["expert_load"].sum(axis=1),
+                                  [num_real * ref_cfg.top_k] * ref_cfg.num_layers)
+    jax_tbo, torch_tbo = run_jax(world, ref_cfg, weights, tbo=True), run_torch(world, model,
+                                                                                tbo=True)
+    _assert_close(jax_tbo, jax_plain, F32_BOUND, "JAX TBO vs JAX plain")
+    _assert_close(torch_tbo, jax_tbo, F32_BOUND, "torch TBO vs JAX TBO")
+    _assert_close(torch_tbo, jax_plain, F32_BOUND, "torch TBO vs JAX plain")
+    _assert_close(run_torch(world, model, tbo=False), jax_plain, F32_BOUND,
+                  "torch plain vs JAX plain")
 
 
 @pytest.mark.parametrize("case", [CASES["extend-two-chunk-prefixed"], CASES["target-verify-tree"]],

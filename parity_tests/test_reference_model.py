@@ -17,6 +17,7 @@ import pytest
 
 from parity_tests.model_parity import supported_compile_options
 from reference import model as M
+from reference import moe
 from reference import operations as O
 from reference.weights import ModelConfig, init_weights
 
@@ -232,7 +233,7 @@ def test_idle_forward_is_empty_and_leaves_the_pools():
 
 def test_select_experts_ties_pick_lower_ids_and_padding_gets_none():
     logits = jnp.zeros((3, CFG.num_experts)).at[1, 5].set(1.0)
-    topk_w, topk_ids = M.select_experts(logits, 2, cfg=CFG)
+    topk_w, topk_ids = moe.select_experts(logits, 2, cfg=CFG)
     np.testing.assert_array_equal(topk_ids, [[0, 1], [5, 0], [-1, -1]])
     close(topk_w.sum(axis=1), [1, 1, 0])
 
@@ -242,16 +243,17 @@ def test_dispatch_experts_combine_equals_the_direct_sum():
     w, rng = init_weights(CFG, 8), np.random.default_rng(8)
     gate, up, down = (w[f"layers.0.experts_{n}"] for n in ("gate", "up", "down"))
     h = rng.normal(size=(7, CFG.hidden_size)).astype(np.float32)
-    topk_w, topk_ids = M.select_experts(h @ w["layers.0.router"], 5, cfg=CFG)
-    buffer = M.dispatch(h, topk_ids, num_experts=CFG.num_experts)
+    topk_w, topk_ids = moe.select_experts(h @ w["layers.0.router"], 5, cfg=CFG)
+    buffer = moe.dispatch(h, topk_ids, num_experts=CFG.num_experts)
     ids = np.asarray(buffer.expert_ids)
     assert (np.diff(np.where(ids < 0, CFG.num_experts, ids)) >= 0).all()  # expert-major
-    routed = M.combine(M.routed_experts(buffer, gate, up, down), buffer.pair_index, topk_w)
+    routed = moe.combine(moe.routed_experts(buffer, gate, up, down), buffer.pair_index, topk_w)
     direct = np.zeros_like(h)
     for t in range(5):
         for k in range(CFG.top_k):
             e = int(topk_ids[t, k])
-            direct[t] += float(topk_w[t, k]) * np.asarray(M.swiglu(h[t], gate[e], up[e], down[e]))
+            expert_out = moe.swiglu(h[t], gate[e], up[e], down[e])
+            direct[t] += float(topk_w[t, k]) * np.asarray(expert_out)
     close(routed, direct)
 
 
@@ -279,6 +281,10 @@ def _tbo_case(name, w):
         inputs = w.decode([1, 2, 3, 0], [4, 7, 2, 1], num_token_non_padded=3)
         return inputs, "DECODE", (
             Child((0, 2), (0, 2), (4, 7)), Child((2, 4), (2, 4), (2, 1))), None
+    if name == "decode_padding_into_a":  # 1 real row of 4: A holds 1 real + 1 padding, B none
+        inputs = w.decode([1, 2, 3, 0], [4, 7, 2, 1], num_token_non_padded=1)
+        return inputs, "DECODE", (
+            Child((0, 2), (0, 2), (4, 7)), Child((2, 4), (2, 4), (2, 1))), None
     if name == "decode_one_seq":  # bs 1: child A is empty and skipped
         return w.decode([3], [6]), "DECODE", (
             Child((0, 0), (0, 0), ()), Child((0, 1), (0, 1), (6,))), None
@@ -290,8 +296,8 @@ def _tbo_case(name, w):
     raise KeyError(name)
 
 
-TBO_CASES = ["extend_balanced", "extend_two_chunk", "decode", "decode_padded", "decode_one_seq",
-             "target_verify"]
+TBO_CASES = ["extend_balanced", "extend_two_chunk", "decode", "decode_padded",
+             "decode_padding_into_a", "decode_one_seq", "target_verify"]
 
 
 @pytest.mark.parametrize("case", TBO_CASES)
@@ -311,6 +317,18 @@ def test_tbo_matches_plain(case):
             assert a.dtype == np.float64 and a.shape == b.shape
             assert np.abs(a - b).max(initial=0) <= 1e-12, (field, np.abs(a - b).max())
         np.testing.assert_array_equal(tbo.expert_load, plain.expert_load)
+
+
+@pytest.mark.parametrize("num_real,want", [(5, (2, 3)), (3, (2, 1)), (2, (2, 0)), (1, (1, 0)),
+                                            (0, (0, 0))])
+def test_children_count_real_tokens_by_the_spec_rule(num_real, want):
+    """Child A counts ``min(split, n)`` real tokens and child B ``max(0, n - split)``: padding
+    that reaches into A leaves B with none (DECODE of 5 cut at 2)."""
+    w = World(seed=15)
+    inputs, mode, children, _ = _tbo_case("decode", w)
+    inputs = M.normalize_inputs(dataclasses.replace(inputs, num_token_non_padded=num_real))
+    got = O.child_inputs(inputs, children, mode=mode)
+    assert tuple(int(child.num_token_non_padded) for child in got) == want
 
 
 def test_tbo_matches_plain_with_sigmoid_scoring_and_no_shared_expert():

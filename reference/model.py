@@ -1,31 +1,36 @@
 """The reference MoE model in JAX: the math of ``docs/model.md`` as small pure functions.
 
-``forward`` runs the model through ``reference.operations`` (the same list of operations that
-two-batch overlap steps through), so the layer is defined exactly once. This module holds the
-math the operations call: norms, rotary, the attention mask of each mode, attention over the
-paged KV cache, routing, dispatch/combine and the experts.
+The layer is written once, as a flat list of named operations with yield points
+(``model_operations``); ``forward`` runs that list in order, and ``reference.operations``
+steps two micro-batches through the same list (two-batch overlap). This module holds the
+inputs and their validation, norms, rotary, the attention mask of each mode, attention over
+the paged KV cache, the operations vocabulary (``Operation``, ``YieldOperation``, ``State``,
+``KVPools``) and the plain forward; routing, dispatch/combine and the experts are in
+``reference.moe``.
+
+Imports flow one way: ``reference.moe`` <- ``reference.model`` <- ``reference.operations``
+(``parity_tests/test_tbo_structure.py`` checks that the import graph has no cycle).
 
 Shape letters: ``T`` tokens, ``S`` sequences, ``H`` hidden, ``N`` heads, ``D`` head dim,
-``E`` routed experts, ``K`` top-k, ``I`` expert intermediate size, ``X`` shared experts,
-``V`` vocabulary, ``R`` rows and ``L`` columns of ``req_to_token``, ``P`` KV-pool slots,
-``M`` flattened custom-mask entries, ``TK`` = ``T * K`` (token, expert) pairs.
+``E`` routed experts, ``K`` top-k, ``V`` vocabulary, ``R`` rows and ``L`` columns of
+``req_to_token``, ``P`` KV-pool slots, ``M`` flattened custom-mask entries.
 
 Everything is shape-static: padding rows are marked by ``num_token_non_padded`` and routed
-nowhere, experts are picked by gather/argsort, never by boolean indexing. Padding rows still
-compute attention (their outputs are meaningless but finite for valid inputs) and never
-change a real row.
+nowhere (``reference.moe``). Padding rows still compute attention (their outputs are
+meaningless but finite for valid inputs) and never change a real row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reference import moe
 from reference.weights import ModelConfig
 
 MODES = ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE")
@@ -223,85 +228,7 @@ def attend(q, k_pool_layer, v_pool_layer, table_rows, allowed):
 
 
 # ---------------------------------------------------------------------------------------------
-# MoE: routing, dispatch, experts, combine.
-# ---------------------------------------------------------------------------------------------
-
-
-def select_experts(router_logits, num_token_non_padded, *, cfg: ModelConfig):
-    """``(topk_w [T, K], topk_ids [T, K] int32)``; rows ``t >= num_token_non_padded`` get -1, 0.
-
-    ``jax.lax.top_k`` breaks ties towards the lower index, as the spec asks.
-    """
-    if cfg.scoring == "softmax":
-        scores = jax.nn.softmax(router_logits, axis=-1)
-    else:
-        scores = jax.nn.sigmoid(router_logits)
-    topk_w, topk_ids = jax.lax.top_k(scores, cfg.top_k)  # [T, K]
-    topk_w = topk_w / jnp.sum(topk_w, axis=-1, keepdims=True)
-    real = (jnp.arange(router_logits.shape[0]) < num_token_non_padded)[:, None]  # [T, 1]
-    return jnp.where(real, topk_w, 0), jnp.where(real, topk_ids, -1).astype(jnp.int32)
-
-
-def expert_load(topk_ids, *, num_experts):
-    """``[E]`` int32: how many (token, k) pairs go to each expert; id -1 counts nowhere."""
-    return jnp.sum(topk_ids.reshape(-1)[:, None] == jnp.arange(num_experts), axis=0,
-                   dtype=jnp.int32)
-
-
-@functools.partial(jax.tree_util.register_dataclass, meta_fields=[],
-                   data_fields=["tokens", "expert_ids", "pair_index"])
-@dataclasses.dataclass(frozen=True)
-class Dispatched:
-    """The expert-major buffer: pair ``p`` of it is the flat (token, k) pair ``pair_index[p]``."""
-
-    tokens: jax.Array  # [TK, H]  hidden state of each pair's token
-    expert_ids: jax.Array  # [TK]  non-decreasing, -1 (padding) pairs last
-    pair_index: jax.Array  # [TK]  flat index t*K + k of each pair
-
-
-def dispatch(h, topk_ids, *, num_experts) -> Dispatched:
-    """Order the ``T*K`` pairs by expert id, stably (token order within an expert).
-
-    Id -1 sorts as ``num_experts`` so padding pairs go last; a stable argsort is a fixed-size
-    permutation, so nothing here depends on the data's shape.
-    """
-    flat_ids = topk_ids.reshape(-1)  # [TK]
-    order = jnp.argsort(jnp.where(flat_ids < 0, num_experts, flat_ids), stable=True)  # [TK]
-    top_k = topk_ids.shape[1]
-    return Dispatched(tokens=h[order // top_k], expert_ids=flat_ids[order], pair_index=order)
-
-
-def swiglu(x, gate, up, down):
-    """``(silu(x @ gate) * (x @ up)) @ down``; works per pair with batched weights too."""
-    return jnp.einsum("...i,...ih->...h",
-                      jax.nn.silu(jnp.einsum("...h,...hi->...i", x, gate))
-                      * jnp.einsum("...h,...hi->...i", x, up), down)
-
-
-def routed_experts(buffer: Dispatched, gate, up, down):
-    """``[TK, H]``: each pair through its expert (weights gathered per pair); -1 pairs give 0."""
-    valid = buffer.expert_ids >= 0  # [TK]
-    e = jnp.where(valid, buffer.expert_ids, 0)
-    out = swiglu(buffer.tokens, gate[e], up[e], down[e])  # [TK, H] from [TK, H, I] weights
-    return jnp.where(valid[:, None], out, 0)
-
-
-def combine(expert_out, pair_index, topk_w):
-    """Scatter each pair's weighted output back to its token and sum: ``[T, H]``."""
-    num_tokens, top_k = topk_w.shape
-    weighted = expert_out * topk_w.reshape(-1)[pair_index][:, None]  # [TK, H]
-    return jnp.zeros((num_tokens, expert_out.shape[1]), expert_out.dtype).at[
-        pair_index // top_k].add(weighted)
-
-
-def shared_experts(h, gate, up, down):
-    """Sum of the shared SwiGLU experts ``[X, ...]`` over ``X`` (zeros when ``X == 0``)."""
-    return sum((swiglu(h, gate[j], up[j], down[j]) for j in range(gate.shape[0])),
-               jnp.zeros_like(h))
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation and the forward pass.
+# Validation.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -357,24 +284,242 @@ def _check_rank(field, x, rank):
     return jnp.shape(x)[0]
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations: the vocabulary the layer is written in (reference.operations overlaps them).
+# ---------------------------------------------------------------------------------------------
+
+
+class YieldOperation:
+    """Marker between stages: here the other micro-batch gets to run."""
+
+    def __repr__(self):
+        return "|"
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """A named ``fn(state) -> None``; the name shows up in schedules and profiler scopes."""
+
+    name: str
+    fn: Callable
+
+    def __call__(self, state):
+        self.fn(state)
+
+    def __repr__(self):
+        return self.name
+
+
+class State:
+    """Per-micro-batch values by name; a value is never overwritten without being popped."""
+
+    def __init__(self, **values):
+        self._values = {}
+        for name, value in values.items():
+            self.set(name, value)
+
+    def set(self, name: str, value) -> None:
+        if name in self._values:
+            raise ValueError(f"name {name!r} is already in the state; pop it before setting it")
+        self._values[name] = value
+
+    def get(self, name: str):
+        return self._values[name]
+
+    def pop(self, name: str):
+        return self._values.pop(name)
+
+    def __contains__(self, name):
+        return name in self._values
+
+
+@dataclasses.dataclass
+class KVPools:
+    """The shared, mutable holder of ``k``/``v`` ``[num_layers, P, N, D]`` (functional updates)."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, layer, slots, k, v):
+        self.k = self.k.at[layer, slots].set(k.astype(self.k.dtype))
+        self.v = self.v.at[layer, slots].set(v.astype(self.v.dtype))
+
+
+def execute_operations(state: State, operations: Sequence) -> State:
+    """The plain path: every operation in order; yields do nothing."""
+    for op in operations:
+        if not isinstance(op, YieldOperation):
+            op(state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The model as operations.
+# ---------------------------------------------------------------------------------------------
+
+DELTA_STAGES = {"EXTEND": 0, "DECODE": 2, "TARGET_VERIFY": 2, "IDLE": 2}
+
+
+def initial_state(inputs: ModelInputs, pools: KVPools) -> State:
+    """A micro-batch's starting state: its inputs and the shared pools."""
+    return State(inputs=inputs, pools=pools)
+
+
+def _model_edges(cfg, w, mode, draft_token_num):
+    """The operations before the first layer and after the last."""
+    def embed(s):
+        inputs = s.get("inputs")
+        table_rows, allowed = attention_layout(inputs, mode=mode, draft_token_num=draft_token_num)
+        s.set("table_rows", table_rows)  # [T, L]
+        s.set("allowed", allowed)  # [T, L]
+        s.set("hidden", w["embed"][inputs.input_ids])  # [T, H]
+        s.set("residual", None)
+
+    def final(s):
+        h = rmsnorm(s.pop("hidden") + s.pop("residual"), w["final_norm"], eps=cfg.rms_eps)
+        s.set("final_hidden", h)
+        s.set("logits", h @ w["lm_head"])  # [T, V]
+        s.set("expert_load", jnp.stack([s.pop(f"expert_load.{l}")
+                                        for l in range(cfg.num_layers)]))  # [layers, E]
+
+    return Operation("embed", embed), Operation("final", final)
+
+
+def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operation]:
+    """One layer's operations by name, in execution order (the yields are placed by the caller)."""
+    p = f"layers.{layer}."
+    eps = cfg.rms_eps
+
+    def attn_input_prep(s):
+        h, residual = s.pop("hidden"), s.pop("residual")
+        residual = h if residual is None else h + residual
+        s.set("residual", residual)
+        s.set("attn_in", rmsnorm(residual, w[p + "attn_norm"], eps=eps))
+
+    def attn_part1(s):  # projections, rotary, KV write (the write precedes every read)
+        inputs = s.get("inputs")
+        q, k, v = project_qkv(s.pop("attn_in"), inputs.positions, w[p + "wq"], w[p + "wk"],
+                              w[p + "wv"], cfg=cfg)
+        s.get("pools").write(layer, inputs.out_cache_loc, k, v)
+        s.set("q", q)  # [T, N, D]
+
+    def attn_part2(s):  # the core: read through the table
+        pools = s.get("pools")
+        o = attend(s.pop("q"), pools.k[layer], pools.v[layer], s.get("table_rows"),
+                   s.get("allowed"))  # [T, N, D]
+        s.set("attn_out", o.reshape(o.shape[0], cfg.num_heads * cfg.head_dim) @ w[p + "wo"])
+
+    def mlp_input_prep(s):
+        residual = s.pop("attn_out") + s.pop("residual")
+        s.set("residual", residual)
+        s.set("mlp_in", rmsnorm(residual, w[p + "mlp_norm"], eps=eps))
+
+    def router_gate(s):
+        s.set("router_logits", s.get("mlp_in") @ w[p + "router"])  # [T, E]
+
+    def select_experts(s):
+        topk_w, topk_ids = moe.select_experts(
+            s.pop("router_logits"), s.get("inputs").num_token_non_padded, cfg=cfg)
+        s.set("topk_w", topk_w)
+        s.set("topk_ids", topk_ids)
+        s.set(f"expert_load.{layer}", moe.expert_load(topk_ids, num_experts=cfg.num_experts))
+
+    # On one device a "launch" does the local permutation and a "wait" hands it over; across
+    # devices these become the two halves of an all-to-all.
+    def dispatch_launch(s):
+        s.set("dispatch_handle", moe.dispatch(s.get("mlp_in"), s.pop("topk_ids"),
+                                              num_experts=cfg.num_experts))
+
+    def dispatch_wait(s):
+        s.set("dispatched", s.pop("dispatch_handle"))
+
+    def routed_experts(s):
+        buffer = s.pop("dispatched")
+        out = moe.routed_experts(buffer, w[p + "experts_gate"], w[p + "experts_up"],
+                                 w[p + "experts_down"])  # [TK, H]
+        s.set("expert_out", (out, buffer.pair_index))
+
+    def combine_launch(s):
+        out, pair_index = s.pop("expert_out")
+        s.set("combine_handle", moe.combine(out, pair_index, s.pop("topk_w")))
+
+    def combine_wait(s):
+        s.set("routed_out", s.pop("combine_handle"))
+
+    def shared_expert(s):
+        s.set("shared_out", moe.shared_experts(s.pop("mlp_in"), w[p + "shared_gate"],
+                                               w[p + "shared_up"], w[p + "shared_down"]))
+
+    def output(s):
+        s.set("moe_out", s.pop("routed_out") + s.pop("shared_out"))
+
+    def post_process(s):  # where a multi-device layout would re-scatter the residual stream
+        s.set("hidden", s.pop("moe_out"))
+
+    fns = [attn_input_prep, attn_part1, attn_part2, mlp_input_prep, router_gate, select_experts,
+           dispatch_launch, dispatch_wait, routed_experts, combine_launch, combine_wait,
+           shared_expert, output, post_process]
+    return {fn.__name__: Operation(f"l{layer}.{fn.__name__}", fn) for fn in fns}
+
+
+# The two published layouts ("|" is a yield), as names of the operations above.
+PREFILL_LAYOUT = ("attn_input_prep attn_part1 attn_part2 mlp_input_prep router_gate "
+                  "select_experts dispatch_launch | dispatch_wait routed_experts combine_launch "
+                  "| shared_expert combine_wait output post_process")
+DECODE_LAYOUT = ("attn_input_prep attn_part1 | attn_part2 mlp_input_prep router_gate "
+                 "select_experts | dispatch_launch shared_expert | dispatch_wait routed_experts "
+                 "combine_launch | combine_wait output post_process |")
+
+
+def model_operations(cfg: ModelConfig, weights, mode, *, draft_token_num=None,
+                     dtype=jnp.float32):
+    """``(operations, delta_stages)`` of the whole model for ``mode``.
+
+    EXTEND uses the prefill layout (``delta_stages = 0``); DECODE, TARGET_VERIFY (and IDLE,
+    which has no tokens) the decode layout (``delta_stages = 2``). Layers chain: the last
+    stage of one layer and the first of the next follow each other in the same list.
+    """
+    name = mode_name(mode)
+    token_num_per_seq(name, draft_token_num)  # validates draft_token_num
+    w = {k: jnp.asarray(v, dtype) for k, v in weights.items()}
+    layout = PREFILL_LAYOUT if name == "EXTEND" else DECODE_LAYOUT
+    embed, final = _model_edges(cfg, w, name, draft_token_num)
+    ops = [embed]
+    for layer in range(cfg.num_layers):
+        by_name = _layer_operations(cfg, w, layer)
+        ops += [YieldOperation() if word == "|" else by_name[word] for word in layout.split()]
+    return ops + [final], DELTA_STAGES[name]
+
+
+def output_of(states: Sequence[State], pools: KVPools) -> ForwardOutput:
+    """Concatenate the micro-batches' outputs in token order; sum their expert loads."""
+    return ForwardOutput(
+        hidden=jnp.concatenate([s.get("final_hidden") for s in states]),
+        logits=jnp.concatenate([s.get("logits") for s in states]),
+        k_pool=pools.k, v_pool=pools.v,
+        expert_load=sum(s.get("expert_load") for s in states))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain forward pass.
+# ---------------------------------------------------------------------------------------------
+
+
 def forward(weights, inputs: ModelInputs, k_pool, v_pool, *, cfg: ModelConfig, mode,
             draft_token_num=None, dtype=jnp.float32) -> ForwardOutput:
-    """The plain (un-split) forward pass of docs/model.md.
+    """The plain (un-split) forward pass of docs/model.md: the model's operations in order.
 
     jit-able with ``cfg``, ``mode``, ``draft_token_num`` and ``dtype`` static. The pools are
     ``[num_layers, P, N, D]``; the returned ones hold this pass's KV writes. Shapes are always
     checked; values (extend lens summing to T, the mask's length) only when concrete, i.e.
-    not under jit.
+    not under jit. ``reference.operations.forward_tbo`` runs the same operations as two
+    overlapped micro-batches.
     """
-    # Imported here because reference.operations builds its operations from this module's
-    # math; forward is the one place this module needs the executor.
-    from reference import operations
-
     inputs = normalize_inputs(inputs)
     check_inputs(inputs, k_pool, v_pool, cfg=cfg, mode=mode, draft_token_num=draft_token_num)
-    ops, _ = operations.model_operations(cfg, weights, mode, draft_token_num=draft_token_num,
-                                         dtype=dtype)
-    pools = operations.KVPools(k=jnp.asarray(k_pool), v=jnp.asarray(v_pool))
-    state = operations.initial_state(inputs, pools)
-    operations.execute_operations(state, ops)
-    return operations.output_of([state], pools)
+    ops, _ = model_operations(cfg, weights, mode, draft_token_num=draft_token_num, dtype=dtype)
+    pools = KVPools(k=jnp.asarray(k_pool), v=jnp.asarray(v_pool))
+    state = execute_operations(initial_state(inputs, pools), ops)
+    return output_of([state], pools)

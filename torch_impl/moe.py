@@ -20,7 +20,9 @@ def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
                    num_token_non_padded) -> tuple:
     """Top-k experts per token, weights renormalised; padding rows get ids -1 and weight 0.
 
-    router_logits: [T, E] float32 -> (weights [T, K] float32, ids [T, K] int64).
+    router_logits: [T, E] float32 -> (weights [T, K] float32, ids [T, K] int64), largest
+    score first; among equal scores the lower expert id comes first (docs/model.md), as
+    ``jax.lax.top_k`` orders them on the spec's side.
     ``num_token_non_padded``: the count of real rows (the rest are CUDA-graph padding), a
     Python int eagerly or a 0-dim device tensor in a graph; the padding mask is computed on
     the device either way, so a replay that rewrites the tensor re-masks without recapture.
@@ -29,7 +31,12 @@ def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
         scores = torch.softmax(router_logits, dim=-1)
     else:
         scores = torch.sigmoid(router_logits)
-    weights, ids = torch.topk(scores, top_k, dim=-1, sorted=True)
+    # torch.topk leaves the order of equal values unspecified (on CPU all-equal scores give
+    # ids 6, 5, ...). A stable sort keeps equal scores in expert-id order, so the first K are
+    # the spec's. It is a fixed-shape device op over E (small) entries: no host read, and it
+    # captures in a CUDA graph.
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    weights, ids = sorted_scores[:, :top_k], order[:, :top_k]
     weights = weights / weights.sum(dim=-1, keepdim=True)
     padding = torch.arange(ids.shape[0], device=ids.device) >= num_token_non_padded
     ids = ids.masked_fill(padding[:, None], -1)
