@@ -371,7 +371,8 @@ def test_state_refuses_silent_overwrite():
 
 
 def test_stage_schedule():
-    """The TBO_SEMANTICS rule, written out: A runs delta stages alone, then they alternate."""
+    """The rule of docs/spec.md, "Overlapped execution", written out: A runs delta stages
+    alone, then they alternate."""
     assert O.stage_schedule(3, 0) == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert O.stage_schedule(3, 2) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
     assert O.stage_schedule(5, 2) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("a", 3), ("b", 1),

@@ -56,7 +56,7 @@ class ModelInputs:
     seq_lens: jax.Array  # [S] int32
     extend_prefix_lens: Optional[jax.Array] = None  # [S] int32, EXTEND only
     extend_seq_lens: Optional[jax.Array] = None  # [S] int32, EXTEND only
-    custom_mask: Optional[jax.Array] = None  # [M] bool, TARGET_VERIFY only (TBO_SEMANTICS)
+    custom_mask: Optional[jax.Array] = None  # [M] bool, TARGET_VERIFY only (docs/spec.md, Children)
     req_to_token: jax.Array  # [R, L] int32
     num_token_non_padded: Optional[jax.Array] = None  # int32 scalar; None means T
 
