@@ -33,9 +33,13 @@ class SplitCase:
 
     @property
     def num_tokens(self) -> int:
+        """The batch's token count. A TARGET_VERIFY case without ``draft_token_num`` (invalid:
+        every split function must reject it) counts one token per sequence, so that such a
+        case can still be run through every function of both sides."""
         if self.mode == "EXTEND":
             return sum(self.extend_lens)
-        per_seq = {"DECODE": 1, "TARGET_VERIFY": self.draft_token_num, "IDLE": 0}[self.mode]
+        draft = 1 if self.draft_token_num is None else self.draft_token_num
+        per_seq = {"DECODE": 1, "TARGET_VERIFY": draft, "IDLE": 0}[self.mode]
         return len(self.seq_lens) * per_seq
 
 
@@ -45,6 +49,26 @@ def _outcome(fn: Callable):
         return fn()
     except ValueError:
         return ("ValueError",)
+
+
+def resolve_modes(side, args):
+    """The args with every ForwardMode name (a str), also inside lists and tuples (the ranks
+    of a data-parallel report), turned into the side's own ForwardMode."""
+    if isinstance(args, str):
+        return side.ForwardMode[args] if args in side.ForwardMode.__members__ else args
+    if isinstance(args, (list, tuple)):
+        return type(args)(resolve_modes(side, a) for a in args)
+    return args
+
+
+def rejection(side, function: str, args=(), kwargs=None) -> str:
+    """The message of the ValueError that ``side.function(*args)`` raises (mode names in args
+    resolved to the side's ForwardMode); AssertionError if it raises none."""
+    try:
+        getattr(side, function)(*resolve_modes(side, args), **(kwargs or {}))
+    except ValueError as error:
+        return str(error)
+    raise AssertionError(f"{side.__name__}.{function}{args!r} accepted its input")
 
 
 def _child_dict(child) -> dict:
@@ -145,7 +169,8 @@ VERIFY_TOKEN_FIELDS = {"draft_tokens", "positions"}
 
 
 def _mask_range(seq_lens, d, seq_range):
-    """Offsets of the tree-mask blocks of seq_range, from the rule in TBO_SEMANTICS."""
+    """Offsets of the tree-mask blocks of seq_range, from the rule in docs/spec.md,
+    "Children" (the TARGET_VERIFY mask)."""
     blocks = [(n + d) * d for n in seq_lens]
     return sum(blocks[:seq_range[0]]), sum(blocks[:seq_range[1]])
 

@@ -50,8 +50,9 @@ __all__ = [
 ]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# Counts are validated as in ``split.py`` (any integral scalar; at most ``split.MAX_COUNT``), with
+# the same messages as ``torch_impl/replay_plan.py``.
+_check_count = split._check_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +68,7 @@ def default_capture_batch_sizes(max_bs: int) -> tuple:
     Invariant: strictly ascending, every entry in [1, max_bs], and the last entry == max_bs
     (the configured maximum is always captured, so every real_bs <= max_bs fits a graph).
     """
-    if not _is_int(max_bs) or max_bs < 1:
-        raise ValueError(f"max_bs must be an int >= 1, got {max_bs!r}")
+    max_bs = _check_count("max_bs", max_bs, minimum=1)
     sizes = [bs for bs in DEFAULT_CAPTURE_HEAD if bs <= max_bs]
     first_step = (DEFAULT_CAPTURE_HEAD[-1] // CAPTURE_STEP + 1) * CAPTURE_STEP  # 16
     sizes += range(first_step, max_bs + 1, CAPTURE_STEP)
@@ -85,8 +85,7 @@ def tbo_capture_refusal(bs: int) -> Optional[str]:
     engine's per-child buffers rely on; upstream SGLang keeps only sizes divisible by 2 under
     TBO too (its ``mul_base``).
     """
-    if not _is_int(bs):
-        raise ValueError(f"bs must be an int, got {bs!r}")
+    bs = split._check_fits("bs", split._as_int("bs", bs))
     if bs < 2:
         return (f"each of the two micro-batches needs at least one sequence, and a graph of "
                 f"{bs} has fewer than 2")
@@ -123,12 +122,13 @@ def capture_batch_sizes(*, tbo: bool, max_bs: Optional[int] = None,
             raise ValueError(f"max_bs={max_bs} leaves no batch size that two-batch overlap can "
                              f"capture (the smallest is 2)")
         return sizes
-    if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__"):
-        raise ValueError(f"batch_sizes must be a sequence of ints, got {batch_sizes!r}")
     seen = set()
-    for bs in batch_sizes:
-        if not _is_int(bs) or bs < 1:
-            raise ValueError(f"batch_sizes: {bs!r} is not an int >= 1")
+    for entry in split._check_sequence("batch_sizes", batch_sizes):
+        bs = split._integer_or_none(entry)
+        if bs is None or bs < 1:
+            raise ValueError(f"batch_sizes: {split._describe(entry) if bs is None else bs} is "
+                             f"not an int >= 1")
+        split._check_fits("batch_sizes: size", bs)
         if bs in seen:
             raise ValueError(f"batch_sizes: size {bs} appears more than once")
         seen.add(bs)
@@ -242,28 +242,31 @@ _replay_plan_jit = jax.jit(replay_plan_arrays)
 
 
 def _check_replay_mode(forward_mode) -> ForwardMode:
-    if not isinstance(forward_mode, ForwardMode):
-        raise ValueError(f"forward_mode must be a ForwardMode, got {forward_mode!r}")
-    if forward_mode not in REPLAY_MODES:
-        raise ValueError(f"forward_mode {forward_mode.name} is not replayed from a CUDA graph "
+    mode = split._as_forward_mode("forward_mode", forward_mode)
+    if mode not in REPLAY_MODES:
+        raise ValueError(f"forward_mode {mode.name} is not replayed from a CUDA graph "
                          f"(only DECODE, TARGET_VERIFY and IDLE are)")
-    return forward_mode
+    return mode
 
 
 def _check_capture_sizes(capture_sizes) -> tuple:
-    bad = ValueError(f"capture_sizes must be a non-empty, strictly ascending sequence of ints "
-                     f">= 1, got {capture_sizes!r}")
-    if isinstance(capture_sizes, (str, bytes)) or not hasattr(capture_sizes, "__iter__"):
-        raise bad
-    sizes = tuple(capture_sizes)
-    if not sizes:
-        raise bad
-    previous = 0
-    for bs in sizes:
-        if not _is_int(bs) or bs <= previous:
-            raise bad
+    try:
+        entries = split._check_sequence("capture_sizes", capture_sizes)
+    except ValueError:
+        entries = []
+    sizes, previous = [], 0
+    for entry in entries:
+        bs = split._integer_or_none(entry)
+        if bs is None or bs <= previous:
+            break
+        sizes.append(bs)
         previous = bs
-    return sizes
+    else:
+        if sizes:
+            split._check_fits("capture_sizes: size", sizes[-1])
+            return tuple(sizes)
+    raise ValueError(f"capture_sizes must be a non-empty, strictly ascending sequence of ints "
+                     f">= 1, got {split._describe(capture_sizes)}")
 
 
 def _check_draft(mode: ForwardMode, draft_token_num) -> int:
@@ -271,17 +274,14 @@ def _check_draft(mode: ForwardMode, draft_token_num) -> int:
     if mode is ForwardMode.TARGET_VERIFY:
         if draft_token_num is None:
             raise ValueError("draft_token_num is required in TARGET_VERIFY")
-        if not _is_int(draft_token_num) or draft_token_num < 1:
-            raise ValueError(f"draft_token_num must be an int >= 1, got {draft_token_num!r}")
-        return draft_token_num
+        return _check_count("draft_token_num", draft_token_num, minimum=1)
     if draft_token_num is not None:
         raise ValueError(f"draft_token_num must be None in {mode.name}, got {draft_token_num!r}")
     return 1
 
 
 def _check_real_bs(mode: ForwardMode, real_bs, largest: int) -> int:
-    if not _is_int(real_bs) or real_bs < 0:
-        raise ValueError(f"real_bs must be an int >= 0, got {real_bs!r}")
+    real_bs = _check_count("real_bs", real_bs)
     if mode is ForwardMode.IDLE and real_bs != 0:
         raise ValueError(f"real_bs must be 0 in IDLE, got {real_bs}")
     if real_bs > largest:
@@ -307,6 +307,7 @@ def plan_replay(forward_mode, real_bs, capture_sizes, *, tbo: bool,
         arrays = jax.device_get(_replay_plan_jit(
             jnp.asarray(sizes, jnp.int64), jnp.int64(real_bs), jnp.int64(tnps)))
     graph_bs = int(arrays.graph_bs)
+    split._check_fits("graph_bs * token_num_per_seq", int(arrays.num_tokens))
     if tbo:
         reason = tbo_capture_refusal(graph_bs)
         if reason is not None:

@@ -1,10 +1,11 @@
 """The spec of how two-batch overlap (TBO) splits a forward batch, in JAX.
 
-The rules are those of ``TBO_SEMANTICS.md`` (and ``docs/spec.md``). The arithmetic lives in
-pure ``jax.numpy`` functions over fixed-size arrays (padded, with a count of valid entries),
-so every rule can be ``jax.jit``-ed and ``jax.vmap``-ed over many batches at once. The named
-functions at the bottom are thin wrappers: they validate Python inputs (``ValueError`` naming
-the argument), pad them, call the pure functions and return Python ints.
+The rules are those of ``docs/spec.md``. The arithmetic lives in pure ``jax.numpy`` functions
+over fixed-size arrays (padded, with a count of valid entries), so every rule can be
+``jax.jit``-ed and ``jax.vmap``-ed over many batches at once. The named functions at the bottom
+are thin wrappers: they validate Python inputs (``ValueError`` naming the argument; every count
+at most ``MAX_COUNT``, see docs/spec.md, "Representable range"), pad them, call the pure
+functions and return Python ints.
 
 Shape letters: ``S`` = sequence slots of a padded batch (valid ones first, ``num_seqs`` of
 them; padded slots hold 0). Padded slots never change a result.
@@ -19,6 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
+import operator
+import re
+import reprlib
+from collections.abc import Mapping, Set
 from typing import Optional, Sequence
 
 import jax
@@ -49,7 +55,7 @@ UNIFORM_MODES = (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY)  # a fixed token
 
 
 def balanced_split_index(extend_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
-    """The balanced split of EXTEND: the walk of TBO_SEMANTICS, literally.
+    """The balanced split of EXTEND: the walk of docs/spec.md, "Split sequence index", literally.
 
     extend_lens: [S] int, valid entries first (all >= 1), padded with 0.
     Walk i = 1 .. num_seqs-1 with left = sum(extend_lens[:i]) and diff = |left - (total-left)|;
@@ -226,46 +232,147 @@ def dp_tbo_decision(can_run, mode_codes):
 # Named wrappers: validate Python inputs, pad, call the pure functions, return Python ints.
 # ---------------------------------------------------------------------------------------------
 
+# What the wrappers accept (docs/spec.md, "Bad input" and "Representable range"): a count is any
+# integral scalar (what ``operator.index`` takes: an int, a numpy integer, a 0-dim integer numpy
+# or jax array; never a bool, a float or an array with dimensions); a list of lengths is any
+# sequence (or other iterable) of those, or a 1-D integer array (numpy or jax); a forward mode
+# is a ForwardMode, or a member of another package's ForwardMode (the PyTorch side's) whose name
+# is one of ours. Messages are those of ``torch_impl/split_rules.py``, word for word.
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# The largest count the spec covers (int32): every count and length, and every sum of token
+# counts, must be <= MAX_COUNT. Within it the pure functions give the same results in int32 as
+# in int64 (the wrappers' x64), and the same as the PyTorch side's Python ints; past it they
+# would silently disagree, so the wrappers reject such input.
+MAX_COUNT = 2**31 - 1
+
+_INTEGER_DTYPE = re.compile(r"(torch\.)?u?int\d*")  # numpy / jax / torch integer dtype names
+_REAL_DTYPE = re.compile(r"(torch\.)?(u?int|float|bfloat)\d*")  # ... and float dtype names
+
+_repr = reprlib.Repr()
+_repr.maxlist = _repr.maxtuple = 20
+_repr.maxstring, _repr.maxother = 60, 80
 
 
-def _check_mode(forward_mode) -> ForwardMode:
-    if not isinstance(forward_mode, ForwardMode):
-        raise ValueError(f"forward_mode must be a ForwardMode, got {forward_mode!r}")
-    if forward_mode not in TBO_MODES:
-        raise ValueError(f"forward_mode {forward_mode.name} is not supported by two-batch overlap")
-    return forward_mode
+def _shape(value) -> Optional[tuple]:
+    """The shape of an array-like value (numpy, jax, torch), None for anything else."""
+    shape = getattr(value, "shape", None)
+    if shape is None or getattr(value, "dtype", None) is None:
+        return None
+    try:
+        return tuple(int(n) for n in shape)
+    except (TypeError, ValueError):
+        return None
 
 
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ValueError(f"threshold must be a number in (0, 0.5], got {threshold!r}")
-    if not 0 < threshold <= 0.5:
-        raise ValueError(f"threshold must be in (0, 0.5], got {threshold!r}")
-    return float(threshold)
+def _describe(value) -> str:
+    """What was given, for an error message: a scalar's value and type; an array's type, shape
+    and dtype (not its values)."""
+    shape = _shape(value)
+    kind = type(value).__name__
+    if shape is None:
+        return f"{_repr.repr(value)} of type {kind}"
+    if shape:
+        return f"{kind} of shape {shape} and dtype {value.dtype}"
+    return f"{_repr.repr(value)} of type {kind}, shape () and dtype {value.dtype}"
+
+
+def _integer_or_none(value) -> Optional[int]:
+    """An integral scalar as a Python int, or None if ``value`` is not one (bools are not)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        return None
+    shape = _shape(value)
+    if shape is not None and (shape or not _INTEGER_DTYPE.fullmatch(str(value.dtype))):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _as_int(name: str, value) -> int:
+    number = _integer_or_none(value)
+    if number is None:
+        raise ValueError(f"{name} must be an integer (an int, a numpy integer or a 0-dim integer "
+                         f"array), got {_describe(value)}")
+    return number
+
+
+def _check_fits(name: str, value: int) -> int:
+    if value > MAX_COUNT:
+        raise ValueError(f"{name}={value} exceeds MAX_COUNT={MAX_COUNT} (2**31 - 1), the largest "
+                         f"count the spec covers")
+    return value
 
 
 def _check_count(name: str, value, *, minimum: int = 0) -> int:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    number = _as_int(name, value)
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return _check_fits(name, number)
+
+
+def _check_sequence(name: str, values) -> list:
+    shape = _shape(values)
+    if shape is not None:
+        if len(shape) == 1 and _INTEGER_DTYPE.fullmatch(str(values.dtype)):
+            return values.tolist()
+    elif not isinstance(values, (str, bytes, bytearray, Mapping, Set)):
+        try:
+            return list(values)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be a sequence of ints or a 1-D integer array, "
+                     f"got {_describe(values)}")
 
 
 def _check_lens(name: str, values, *, minimum: int) -> list:
     if values is None:
         raise ValueError(f"{name} is required")
-    values = list(values)
-    for v in values:
-        _check_count(name, v, minimum=minimum)
-    return values
+    return [_check_count(f"{name}[{i}]", value, minimum=minimum)
+            for i, value in enumerate(_check_sequence(name, values))]
+
+
+def _as_forward_mode(name: str, value, expected: str = "a ForwardMode") -> ForwardMode:
+    if isinstance(value, ForwardMode):
+        return value
+    if isinstance(value, enum.Enum) and type(value).__name__ == "ForwardMode":
+        if value.name in ForwardMode.__members__:
+            return ForwardMode[value.name]
+        raise ValueError(f"{name} must be {expected}, got {value!r}, a ForwardMode of another "
+                         f"package, and there is no ForwardMode.{value.name}")
+    raise ValueError(f"{name} must be {expected}, got {_describe(value)}")
+
+
+def _check_mode(forward_mode) -> ForwardMode:
+    mode = _as_forward_mode("forward_mode", forward_mode)
+    if mode not in TBO_MODES:
+        raise ValueError(f"forward_mode {mode.name} is not supported by two-batch overlap")
+    return mode
+
+
+def _check_threshold(threshold) -> float:
+    """A real scalar (an int or float, a numpy one, a 0-dim int or float array) in (0, 0.5]."""
+    shape = _shape(threshold)
+    if shape is None:
+        real = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+    else:
+        real = shape == () and bool(_REAL_DTYPE.fullmatch(str(threshold.dtype)))
+    if not real:
+        raise ValueError(f"threshold must be a real number in (0, 0.5], "
+                         f"got {_describe(threshold)}")
+    value = float(threshold)
+    if not 0 < value <= 0.5:
+        raise ValueError(f"threshold must be in (0, 0.5], got {value!r}")
+    return value
 
 
 def _check_extend_lens(extend_lens) -> list:
     lens = _check_lens("extend_lens", extend_lens, minimum=1)
     if not lens:
         raise ValueError("extend_lens must hold at least one sequence in EXTEND")
+    _check_fits("sum(extend_lens)", sum(lens))
     return lens
 
 
@@ -278,9 +385,11 @@ def _check_uniform(mode, extend_lens, token_num_per_seq) -> int:
 def _check_idle(extend_lens, token_num_per_seq, *, allowed=(None, 0)) -> None:
     if extend_lens is not None:
         raise ValueError("extend_lens must be None in IDLE")
-    if token_num_per_seq not in allowed or isinstance(token_num_per_seq, bool):
-        raise ValueError(f"token_num_per_seq must be one of {allowed} in IDLE, "
-                         f"got {token_num_per_seq!r}")
+    if token_num_per_seq is None:
+        return
+    number = _as_int("token_num_per_seq", token_num_per_seq)
+    if number not in allowed:
+        raise ValueError(f"token_num_per_seq must be one of {allowed} in IDLE, got {number}")
 
 
 def _check_divisible(name, num_tokens, token_num_per_seq) -> None:
@@ -313,7 +422,7 @@ def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
     None in EXTEND (where it varies per sequence)."""
     mode = _check_mode(forward_mode)
     if draft_token_num is not None:
-        _check_count("draft_token_num", draft_token_num, minimum=1)
+        draft_token_num = _check_count("draft_token_num", draft_token_num, minimum=1)
     if mode is ForwardMode.TARGET_VERIFY:
         if draft_token_num is None:
             raise ValueError("draft_token_num is required in TARGET_VERIFY")
@@ -326,7 +435,7 @@ def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per
     """Where child B's sequences start."""
     mode = _check_mode(forward_mode)
     threshold = _check_threshold(threshold)
-    _check_count("num_tokens", num_tokens)
+    num_tokens = _check_count("num_tokens", num_tokens)
     if mode is ForwardMode.EXTEND:
         lens = _check_extend_lens(extend_lens)
         if token_num_per_seq is not None:
@@ -352,7 +461,7 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
     """Where child B's tokens start."""
     mode = _check_mode(forward_mode)
     threshold = _check_threshold(threshold)
-    _check_count("split_seq_index", split_seq_index)
+    split_seq_index = _check_count("split_seq_index", split_seq_index)
     if mode is ForwardMode.EXTEND:
         lens = _check_extend_lens(extend_lens)
         if token_num_per_seq is not None:
@@ -371,7 +480,7 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
             raise ValueError(f"split_seq_index must be 0 in IDLE, got {split_seq_index}")
         return 0
     tnps = _check_uniform(mode, extend_lens, token_num_per_seq)
-    return split_seq_index * tnps
+    return _check_fits("split_seq_index * token_num_per_seq", split_seq_index * tnps)
 
 
 def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tokens,
@@ -381,7 +490,7 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
     (choice) IDLE replays as DECODE with one token per sequence.
     """
     mode = _check_mode(forward_mode)
-    _check_count("cuda_graph_num_tokens", cuda_graph_num_tokens)
+    cuda_graph_num_tokens = _check_count("cuda_graph_num_tokens", cuda_graph_num_tokens)
     if mode is ForwardMode.EXTEND:
         raise ValueError("forward_mode EXTEND is not replayed from a CUDA graph")
     if mode is ForwardMode.IDLE:
@@ -397,8 +506,8 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
 
 def compute_children_num_token_non_padded(split_token_index, num_token_non_padded) -> tuple:
     """(child A's, child B's) count of real tokens."""
-    _check_count("split_token_index", split_token_index)
-    _check_count("num_token_non_padded", num_token_non_padded)
+    split_token_index = _check_count("split_token_index", split_token_index)
+    num_token_non_padded = _check_count("num_token_non_padded", num_token_non_padded)
     with jax.enable_x64(True):
         a, b = children_num_token_non_padded(jnp.int64(split_token_index),
                                              jnp.int64(num_token_non_padded))
@@ -442,21 +551,24 @@ def _check_extend_batch(seq_lens, extend_lens, extend_prefix_lens):
     if len(seq_lens) != len(lens):
         raise ValueError(f"seq_lens has {len(seq_lens)} entries, extend_lens {len(lens)}")
     if extend_prefix_lens is None:
-        prefix = [s - e for s, e in zip(seq_lens, lens)]
-        _check_lens("seq_lens", prefix, minimum=0)  # seq_lens shorter than extend_lens
-    else:
-        prefix = _check_lens("extend_prefix_lens", extend_prefix_lens, minimum=0)
-        if len(prefix) != len(lens):
-            raise ValueError(f"extend_prefix_lens has {len(prefix)} entries, "
-                             f"extend_lens {len(lens)}")
-        if any(s != p + e for s, p, e in zip(seq_lens, prefix, lens)):
-            raise ValueError("seq_lens must equal extend_prefix_lens + extend_lens")
+        for i, (s, e) in enumerate(zip(seq_lens, lens)):
+            if s < e:
+                raise ValueError(f"seq_lens[{i}]={s} is shorter than extend_lens[{i}]={e}")
+        return lens, [s - e for s, e in zip(seq_lens, lens)]
+    prefix = _check_lens("extend_prefix_lens", extend_prefix_lens, minimum=0)
+    if len(prefix) != len(lens):
+        raise ValueError(f"extend_prefix_lens has {len(prefix)} entries, "
+                         f"extend_lens {len(lens)}")
+    for i, (s, p, e) in enumerate(zip(seq_lens, prefix, lens)):
+        if s != p + e:
+            raise ValueError(f"seq_lens[{i}]={s} must equal extend_prefix_lens[{i}]={p} + "
+                             f"extend_lens[{i}]={e}")
     return lens, prefix
 
 
 def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens=None,
                     token_num_per_seq=None, threshold=DEFAULT_THRESHOLD) -> tuple:
-    """The two children (A, B) of a batch, per the rules of TBO_SEMANTICS."""
+    """The two children (A, B) of a batch, per the rules of docs/spec.md, "Children"."""
     mode = _check_mode(forward_mode)
     threshold = _check_threshold(threshold)
     seq_lens = _check_lens("seq_lens", seq_lens, minimum=1)
@@ -478,9 +590,46 @@ def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens
         tnps = 0
     else:
         tnps = _check_uniform(mode, extend_lens, token_num_per_seq)
+    _check_fits("len(seq_lens) * token_num_per_seq", len(seq_lens) * tnps)
     with jax.enable_x64(True):
         a, b = _derive_uniform_jit(_padded(seq_lens), len(seq_lens), tnps)
         return _to_child(a, False), _to_child(b, False)
+
+
+def _check_per_rank(per_rank) -> list:
+    if isinstance(per_rank, (str, bytes, bytearray, Mapping)):
+        ranks = None
+    else:
+        try:
+            ranks = list(per_rank)
+        except TypeError:
+            ranks = None
+    if ranks is None:
+        raise ValueError(f"per_rank must be a sequence of (can_run_tbo, mode) pairs, "
+                         f"got {_describe(per_rank)}")
+    if not ranks:
+        raise ValueError("per_rank must hold at least one rank")
+    return [_check_rank(index, rank) for index, rank in enumerate(ranks)]
+
+
+def _check_rank(index: int, rank) -> tuple:
+    what = f"per_rank[{index}]"
+    pair = None
+    if not isinstance(rank, (str, bytes, bytearray, Mapping, Set)):
+        try:
+            pair = tuple(rank)
+        except TypeError:
+            pass
+    if pair is None or len(pair) != 2:
+        raise ValueError(f"{what} must be a (can_run_tbo, mode) pair, got {_describe(rank)}")
+    can_run, mode = pair
+    if not isinstance(can_run, bool):
+        raise ValueError(f"{what}: can_run_tbo must be a bool, got {_describe(can_run)}")
+    if mode is not None:
+        mode = _as_forward_mode(f"{what}: mode", mode, "a ForwardMode or None")
+        if can_run and mode not in TBO_MODES:
+            raise ValueError(f"{what}: a rank that can run TBO reports {mode.name}")
+    return can_run, mode
 
 
 def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
@@ -489,17 +638,8 @@ def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
     An idle rank reports mode None (ForwardMode.IDLE is taken as idle too). A rank that says it
     can run TBO must report a mode TBO supports.
     """
-    ranks = list(per_rank)
-    if not ranks:
-        raise ValueError("per_rank must hold at least one rank")
     codes, can_run = [], []
-    for can, mode in ranks:
-        if not isinstance(can, bool):
-            raise ValueError(f"per_rank: can_run_tbo must be a bool, got {can!r}")
-        if mode is not None and not isinstance(mode, ForwardMode):
-            raise ValueError(f"per_rank: mode must be a ForwardMode or None, got {mode!r}")
-        if can and mode is not None and mode not in TBO_MODES:
-            raise ValueError(f"per_rank: a rank that can run TBO reports {mode.name}")
+    for can, mode in _check_per_rank(per_rank):
         idle = mode is None or mode is ForwardMode.IDLE
         codes.append(-1 if idle else list(ForwardMode).index(mode))
         can_run.append(can)

@@ -42,6 +42,7 @@ import bisect
 import dataclasses
 from typing import Optional, Sequence
 
+from torch_impl import split_rules as rules
 from torch_impl.forward_mode import ForwardMode
 from torch_impl.two_batch_overlap import (
     compute_children_num_token_non_padded,
@@ -59,8 +60,8 @@ __all__ = [
 ]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# Counts are validated as in the split functions (``split_rules``: any integral scalar, at most
+# ``MAX_COUNT``), with the same messages as ``reference/replay_plan.py``.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +71,7 @@ def _is_int(x) -> bool:
 
 def default_capture_batch_sizes(max_bs: int) -> tuple:
     """1, 2, 4, 8, 12, then 16, 24, 32, ... (steps of 8), all <= max_bs, then max_bs itself."""
-    if not _is_int(max_bs) or max_bs < 1:
-        raise ValueError(f"max_bs must be an int >= 1, got {max_bs!r}")
+    max_bs = rules.check_count("max_bs", max_bs, 1)
     sizes = [bs for bs in DEFAULT_CAPTURE_HEAD if bs <= max_bs]
     bs = (DEFAULT_CAPTURE_HEAD[-1] // CAPTURE_STEP + 1) * CAPTURE_STEP  # 16
     while bs <= max_bs:
@@ -84,8 +84,7 @@ def default_capture_batch_sizes(max_bs: int) -> tuple:
 
 def tbo_capture_refusal(bs: int) -> Optional[str]:
     """None if a graph of ``bs`` sequences can be captured with TBO, else the reason why not."""
-    if not _is_int(bs):
-        raise ValueError(f"bs must be an int, got {bs!r}")
+    bs = rules.check_fits("bs", rules.as_int("bs", bs))
     if bs < 2:
         return (f"each of the two micro-batches needs at least one sequence, and a graph of "
                 f"{bs} has fewer than 2")
@@ -112,12 +111,13 @@ def capture_batch_sizes(*, tbo: bool, max_bs: Optional[int] = None,
             raise ValueError(f"max_bs={max_bs} leaves no batch size that two-batch overlap can "
                              f"capture (the smallest is 2)")
         return sizes
-    if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__"):
-        raise ValueError(f"batch_sizes must be a sequence of ints, got {batch_sizes!r}")
     seen = set()
-    for bs in batch_sizes:
-        if not _is_int(bs) or bs < 1:
-            raise ValueError(f"batch_sizes: {bs!r} is not an int >= 1")
+    for entry in rules.check_sequence("batch_sizes", batch_sizes):
+        bs = rules.integer_or_none(entry)
+        if bs is None or bs < 1:
+            raise ValueError(f"batch_sizes: {rules.describe(entry) if bs is None else bs} is "
+                             f"not an int >= 1")
+        rules.check_fits("batch_sizes: size", bs)
         if bs in seen:
             raise ValueError(f"batch_sizes: size {bs} appears more than once")
         seen.add(bs)
@@ -158,22 +158,34 @@ class ReplayPlan:
 
 
 def _check_capture_sizes(capture_sizes) -> Sequence[int]:
-    """A non-empty, strictly ascending sequence of ints >= 1 (a list or tuple is returned as
-    given, nothing is copied: this runs on every replay)."""
+    """A non-empty, strictly ascending sequence of ints >= 1, the largest <= MAX_COUNT (a list
+    or tuple of Python ints is returned as given, nothing is copied: this runs on every
+    replay; numpy integers, an integer array or an iterator come back as Python ints)."""
     sizes = capture_sizes
     if not isinstance(sizes, (list, tuple)):
-        iterable = hasattr(sizes, "__iter__") and not isinstance(sizes, (str, bytes))
-        sizes = tuple(sizes) if iterable else ()
-    previous = 0
-    for bs in sizes:
-        if not _is_int(bs) or bs <= previous:
+        try:
+            sizes = rules.check_sequence("capture_sizes", sizes)
+        except ValueError:
+            sizes = ()
+    converted, previous = None, 0
+    for index, bs in enumerate(sizes):
+        if type(bs) is not int:
+            bs = rules.integer_or_none(bs)
+            if bs is None:
+                break
+            if converted is None:
+                converted = list(sizes[:index])
+        if bs <= previous:
             break
+        if converted is not None:
+            converted.append(bs)
         previous = bs
     else:
         if sizes:
-            return sizes
+            rules.check_fits("capture_sizes: size", previous)
+            return sizes if converted is None else tuple(converted)
     raise ValueError(f"capture_sizes must be a non-empty, strictly ascending sequence of ints "
-                     f">= 1, got {capture_sizes!r}")
+                     f">= 1, got {rules.describe(capture_sizes)}")
 
 
 def plan_replay(forward_mode, real_bs, capture_sizes, *, tbo: bool,
@@ -184,9 +196,7 @@ def plan_replay(forward_mode, real_bs, capture_sizes, *, tbo: bool,
     replayed as DECODE). ``real_bs == 0`` in DECODE/TARGET_VERIFY is a fully padded replay of
     the smallest graph. With TBO the picked graph must be one TBO can capture.
     """
-    mode = forward_mode
-    if not isinstance(mode, ForwardMode):
-        raise ValueError(f"forward_mode must be a ForwardMode, got {mode!r}")
+    mode = rules.as_forward_mode("forward_mode", forward_mode)
     if mode not in REPLAY_MODES:
         raise ValueError(f"forward_mode {mode.name} is not replayed from a CUDA graph "
                          f"(only DECODE, TARGET_VERIFY and IDLE are)")
@@ -196,15 +206,12 @@ def plan_replay(forward_mode, real_bs, capture_sizes, *, tbo: bool,
     if mode is ForwardMode.TARGET_VERIFY:
         if draft_token_num is None:
             raise ValueError("draft_token_num is required in TARGET_VERIFY")
-        if not _is_int(draft_token_num) or draft_token_num < 1:
-            raise ValueError(f"draft_token_num must be an int >= 1, got {draft_token_num!r}")
-        tnps = draft_token_num
+        tnps = rules.check_count("draft_token_num", draft_token_num, 1)
     elif draft_token_num is not None:
         raise ValueError(f"draft_token_num must be None in {mode.name}, got {draft_token_num!r}")
     else:
         tnps = 1
-    if not _is_int(real_bs) or real_bs < 0:
-        raise ValueError(f"real_bs must be an int >= 0, got {real_bs!r}")
+    real_bs = rules.check_count("real_bs", real_bs)
     if mode is ForwardMode.IDLE and real_bs != 0:
         raise ValueError(f"real_bs must be 0 in IDLE, got {real_bs}")
     if real_bs > sizes[-1]:
@@ -213,6 +220,7 @@ def plan_replay(forward_mode, real_bs, capture_sizes, *, tbo: bool,
     graph_bs = sizes[bisect.bisect_left(sizes, real_bs)]  # the smallest captured size >= real_bs
     num_tokens = graph_bs * tnps
     non_padded = real_bs * tnps
+    rules.check_fits("graph_bs * token_num_per_seq", num_tokens)
     if tbo:
         reason = tbo_capture_refusal(graph_bs)
         if reason is not None:

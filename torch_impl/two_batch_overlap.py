@@ -15,12 +15,13 @@ import torch
 
 from torch_impl import split_rules as rules
 from torch_impl.forward_batch import ForwardBatch
-from torch_impl.forward_mode import TBO_MODES, ForwardMode
+from torch_impl.forward_mode import TBO_MODES, ForwardMode  # noqa: F401 (TBO_MODES re-exported)
+from torch_impl.split_rules import MAX_COUNT
 
 DEFAULT_THRESHOLD = 0.48
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "ForwardMode", "TboChild", "token_num_per_seq",
+    "DEFAULT_THRESHOLD", "MAX_COUNT", "ForwardMode", "TboChild", "token_num_per_seq",
     "compute_split_seq_index", "compute_split_token_index",
     "compute_split_indices_for_cuda_graph_replay", "compute_children_num_token_non_padded",
     "derive_children", "compute_dp_tbo_decision", "TboCudaGraphRunnerPlugin",
@@ -54,11 +55,11 @@ def _two_chunk(lens: list, threshold: float) -> bool:
 def _straddling_seq(lens: list) -> int:
     """The first sequence at which the running sum exceeds total // 2."""
     half, running = sum(lens) // 2, 0
-    for i, n in enumerate(lens):
+    for i, n in enumerate(lens):  # lens is non-empty and total > total // 2: the loop breaks
         running += n
         if running > half:
-            return i
-    raise AssertionError("unreachable: the running sum reaches total > total // 2")
+            break
+    return i
 
 
 def _extend_split(lens: list, threshold: float) -> tuple:
@@ -78,7 +79,7 @@ def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
     """1 in DECODE, draft_token_num in TARGET_VERIFY, 0 in IDLE, None in EXTEND."""
     mode = rules.check_mode(forward_mode)
     if draft_token_num is not None:
-        rules.check_count("draft_token_num", draft_token_num, 1)
+        draft_token_num = rules.check_count("draft_token_num", draft_token_num, 1)
     if mode is ForwardMode.TARGET_VERIFY:
         if draft_token_num is None:
             raise ValueError("draft_token_num is required in TARGET_VERIFY")
@@ -93,7 +94,7 @@ def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per
     """Where child B's sequences start."""
     mode = rules.check_mode(forward_mode)
     threshold = rules.check_threshold(threshold)
-    rules.check_count("num_tokens", num_tokens)
+    num_tokens = rules.check_count("num_tokens", num_tokens)
     if mode.is_extend():
         lens = rules.check_extend_lens(extend_lens)
         rules.check_no_token_num_per_seq(token_num_per_seq)
@@ -115,7 +116,7 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
     """Where child B's tokens start."""
     mode = rules.check_mode(forward_mode)
     threshold = rules.check_threshold(threshold)
-    rules.check_count("split_seq_index", split_seq_index)
+    split_seq_index = rules.check_count("split_seq_index", split_seq_index)
     if mode.is_extend():
         lens = rules.check_extend_lens(extend_lens)
         rules.check_no_token_num_per_seq(token_num_per_seq)
@@ -130,7 +131,8 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
         if split_seq_index != 0:
             raise ValueError(f"split_seq_index must be 0 in IDLE, got {split_seq_index}")
         return 0
-    return split_seq_index * rules.check_uniform(mode, extend_lens, token_num_per_seq)
+    tnps = rules.check_uniform(mode, extend_lens, token_num_per_seq)
+    return rules.check_fits("split_seq_index * token_num_per_seq", split_seq_index * tnps)
 
 
 def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tokens,
@@ -140,7 +142,7 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
     (choice) IDLE replays as DECODE with one token per sequence.
     """
     mode = rules.check_mode(forward_mode)
-    rules.check_count("cuda_graph_num_tokens", cuda_graph_num_tokens)
+    cuda_graph_num_tokens = rules.check_count("cuda_graph_num_tokens", cuda_graph_num_tokens)
     if mode.is_extend():
         raise ValueError("forward_mode EXTEND is not replayed from a CUDA graph")
     if mode.is_idle():
@@ -155,8 +157,8 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
 
 def compute_children_num_token_non_padded(split_token_index, num_token_non_padded) -> tuple:
     """(child A's, child B's) count of real tokens; padding rows sit at the end of the parent."""
-    rules.check_count("split_token_index", split_token_index)
-    rules.check_count("num_token_non_padded", num_token_non_padded)
+    split_token_index = rules.check_count("split_token_index", split_token_index)
+    num_token_non_padded = rules.check_count("num_token_non_padded", num_token_non_padded)
     return (min(split_token_index, num_token_non_padded),
             max(0, num_token_non_padded - split_token_index))
 
@@ -239,6 +241,7 @@ def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens
     else:
         tnps = rules.check_uniform(mode, extend_lens, token_num_per_seq)
     bs = len(seq_lens)
+    rules.check_fits("len(seq_lens) * token_num_per_seq", bs * tnps)
     split_seq = bs // 2
     a = TboChild((0, split_seq), (0, split_seq * tnps), tuple(seq_lens[:split_seq]),
                  None, None, None, None)
@@ -254,19 +257,8 @@ def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
     report the same mode, which becomes the global mode. An idle rank reports None
     (ForwardMode.IDLE is taken as idle too).
     """
-    ranks = list(per_rank)
-    if not ranks:
-        raise ValueError("per_rank must hold at least one rank")
-    busy_modes = set()
-    for can_run, mode in ranks:
-        if not isinstance(can_run, bool):
-            raise ValueError(f"per_rank: can_run_tbo must be a bool, got {can_run!r}")
-        if mode is not None and not isinstance(mode, ForwardMode):
-            raise ValueError(f"per_rank: mode must be a ForwardMode or None, got {mode!r}")
-        if can_run and mode is not None and mode not in TBO_MODES:
-            raise ValueError(f"per_rank: a rank that can run TBO reports {mode.name}")
-        if mode is not None and not mode.is_idle():
-            busy_modes.add(mode)
+    ranks = rules.check_per_rank(per_rank)
+    busy_modes = {mode for _, mode in ranks if mode is not None and not mode.is_idle()}
     if all(can for can, _ in ranks) and len(busy_modes) == 1:
         return True, busy_modes.pop()
     return False, None
