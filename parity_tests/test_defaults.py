@@ -17,7 +17,7 @@ import pathlib
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity_tests.split_parity import SplitCase, make_forward_batch
@@ -125,6 +125,8 @@ def results_with_defaults(side, case: SplitCase, **threshold) -> dict:
     return {"split": (seq, token), "children": [dataclasses.asdict(c) for c in children]}
 
 
+@settings(max_examples=500)  # the default-threshold question, not the split rules (those run
+# 2,000 examples per mode in test_split_parity.py and exhaustively in test_verify.py)
 @given(data=st.data())
 def test_the_split_functions_agree_when_called_without_a_threshold(data):
     case = data.draw(st.one_of(near_the_default_threshold(), cases_for("EXTEND"),

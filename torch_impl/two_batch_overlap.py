@@ -319,6 +319,7 @@ class TboCudaGraphRunnerPlugin:
         """Write the children's real counts for a replay of the graph of ``bs`` sequences
         holding ``num_token_non_padded`` real tokens; returns the (A, B) counts written.
         IDLE replays as DECODE (the spec's choice)."""
+        forward_mode = rules.check_mode(forward_mode)
         draft = spec_info.draft_token_num if forward_mode is ForwardMode.TARGET_VERIFY \
             and spec_info is not None else None
         tnps = 1 if forward_mode is ForwardMode.IDLE else token_num_per_seq(forward_mode, draft)
