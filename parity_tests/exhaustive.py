@@ -325,6 +325,29 @@ def _first(mask: np.ndarray, make_case, why) -> Optional[tuple]:
     return case, why(int(rows[0]), case)
 
 
+def _timed(report: FamilyReport, side: str, run):
+    """run(), its seconds added to the report's ``<side>_seconds``."""
+    start = time.perf_counter()
+    result = run()
+    setattr(report, f"{side}_seconds",
+            getattr(report, f"{side}_seconds") + time.perf_counter() - start)
+    return result
+
+
+def _tally(report: FamilyReport, batches: int, wrong: np.ndarray, broken: dict,
+           make_case) -> None:
+    """Add one run's counts to the family's report, and keep the first counterexample: a
+    disagreement (what differs, from split_mismatches) or a broken invariant (its name)."""
+    report.batches += batches
+    report.disagreements += int(wrong.sum())
+    report.invariant_failures += int(sum(mask.sum() for mask in broken.values()))
+    report.first = report.first or _first(wrong, make_case,
+                                          lambda row, case: split_mismatches(case))
+    for name, mask in broken.items():
+        report.first = report.first or _first(mask, make_case,
+                                              lambda row, case, name=name: [name])
+
+
 def check_extend(bounds: Bounds, runner: ImplRunner) -> FamilyReport:
     lens, num_seqs = extend_batches(bounds.max_seqs, bounds.max_len)
     runs = [((0,), t) for t in bounds.thresholds]
@@ -332,18 +355,11 @@ def check_extend(bounds: Bounds, runner: ImplRunner) -> FamilyReport:
     report = FamilyReport("EXTEND", 0, 0.0, 0.0, 0, 0)
     for pattern, threshold in runs:
         prefix = prefix_array(pattern, num_seqs, bounds.max_seqs)
-        start = time.perf_counter()
-        ours = spec_extend(lens, num_seqs, prefix, threshold)
-        report.spec_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        theirs = _merge(runner.map("extend", [(lens[c], num_seqs[c], prefix[c], threshold)
-                                               for c in _chunks(len(lens))]))
-        report.impl_seconds += time.perf_counter() - start
+        tasks = [(lens[c], num_seqs[c], prefix[c], threshold) for c in _chunks(len(lens))]
+        ours = _timed(report, "spec", lambda: spec_extend(lens, num_seqs, prefix, threshold))
+        theirs = _timed(report, "impl", lambda: _merge(runner.map("extend", tasks)))
         wrong = _disagreements(ours, theirs)
         broken = extend_invariants(lens, num_seqs, prefix, threshold, ours)
-        report.batches += len(lens)
-        report.disagreements += int(wrong.sum())
-        report.invariant_failures += int(sum(mask.sum() for mask in broken.values()))
 
         def make_case(row, prefix=prefix, threshold=threshold):
             n = int(num_seqs[row])
@@ -351,11 +367,7 @@ def check_extend(bounds: Bounds, runner: ImplRunner) -> FamilyReport:
             return SplitCase("EXTEND", tuple(p + e for p, e in zip(pre, ext)), tuple(ext),
                              tuple(pre), threshold=threshold)
 
-        report.first = report.first or _first(wrong, make_case,
-                                              lambda row, case: split_mismatches(case))
-        for name, mask in broken.items():
-            report.first = report.first or _first(mask, make_case,
-                                                  lambda row, case, name=name: [name])
+        _tally(report, len(lens), wrong, broken, make_case)
     return report
 
 
@@ -371,27 +383,17 @@ def check_uniform(bounds: Bounds, runner: ImplRunner) -> FamilyReport:
     report = FamilyReport("DECODE, TARGET_VERIFY", 0, 0.0, 0.0, 0, 0)
     runs = [("DECODE", 1)] + [("TARGET_VERIFY", d) for d in range(1, bounds.max_draft + 1)]
     for mode, d in runs:
-        start = time.perf_counter()
-        ours = spec_uniform(seq_lens, batch_sizes, d)
-        report.spec_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        theirs = _merge(runner.map("uniform", [(mode, seq_lens, batch_sizes, d)]))
-        report.impl_seconds += time.perf_counter() - start
+        tasks = [(mode, seq_lens, batch_sizes, d)]
+        ours = _timed(report, "spec", lambda: spec_uniform(seq_lens, batch_sizes, d))
+        theirs = _timed(report, "impl", lambda: _merge(runner.map("uniform", tasks)))
         wrong = _disagreements(ours, theirs)
         broken = uniform_invariants(seq_lens, batch_sizes, d, ours)
-        report.batches += len(batch_sizes)
-        report.disagreements += int(wrong.sum())
-        report.invariant_failures += int(sum(mask.sum() for mask in broken.values()))
 
         def make_case(row, mode=mode, d=d):
             return SplitCase(mode, tuple(seq_lens[row, :row].tolist()),
                              draft_token_num=d if mode == "TARGET_VERIFY" else None)
 
-        report.first = report.first or _first(wrong, make_case,
-                                              lambda row, case: split_mismatches(case))
-        for name, mask in broken.items():
-            report.first = report.first or _first(mask, make_case,
-                                                  lambda row, case, name=name: [name])
+        _tally(report, len(batch_sizes), wrong, broken, make_case)
     return report
 
 
@@ -411,20 +413,14 @@ def check_replay(bounds: Bounds, runner: ImplRunner) -> FamilyReport:
     decode_splits = None
     for mode, d, rows in runs:
         g, n = graph_bs[rows], real_bs[rows]
-        start = time.perf_counter()
-        ours = spec_replay(g, n, d)
-        report.spec_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        theirs = _merge(runner.map("replay", [(mode, g[c], n[c], d) for c in _chunks(len(g))]))
-        report.impl_seconds += time.perf_counter() - start
+        tasks = [(mode, g[c], n[c], d) for c in _chunks(len(g))]
+        ours = _timed(report, "spec", lambda: spec_replay(g, n, d))
+        theirs = _timed(report, "impl", lambda: _merge(runner.map("replay", tasks)))
         wrong = _disagreements(ours, theirs)
         # IDLE replays the DECODE graphs (the spec's choice): it must cut where DECODE does.
         splits = decode_splits if mode == "IDLE" else unpadded_splits(g, n, ours)
         decode_splits = splits if mode == "DECODE" else decode_splits
         broken = replay_invariants(g, n, d, ours, splits)
-        report.batches += len(g)
-        report.disagreements += int(wrong.sum())
-        report.invariant_failures += int(sum(mask.sum() for mask in broken.values()))
 
         def make_case(row, mode=mode, d=d, g=g, n=n):
             # A padded replay: the graph's sequences, the real ones' tokens counted as real.
@@ -433,11 +429,7 @@ def check_replay(bounds: Bounds, runner: ImplRunner) -> FamilyReport:
                              draft_token_num=d if mode == "TARGET_VERIFY" else None,
                              num_token_non_padded=int(n[row]) * d)
 
-        report.first = report.first or _first(wrong, make_case,
-                                              lambda row, case: split_mismatches(case))
-        for name, mask in broken.items():
-            report.first = report.first or _first(mask, make_case,
-                                                  lambda row, case, name=name: [name])
+        _tally(report, len(g), wrong, broken, make_case)
     return report
 
 

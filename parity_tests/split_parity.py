@@ -19,6 +19,17 @@ from torch_impl.batch_splitter import TboForwardBatchPreparer
 from torch_impl.forward_batch import ForwardBatch, VerifyInput
 
 
+# Short names of the modes and of the split functions, for tables of calls in the tests.
+E, D, TV, I = "EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"
+SEQ = "compute_split_seq_index"
+TOKEN = "compute_split_token_index"
+REPLAY = "compute_split_indices_for_cuda_graph_replay"
+PADDED = "compute_children_num_token_non_padded"
+TNPS = "token_num_per_seq"
+CHILDREN = "derive_children"
+DP = "compute_dp_tbo_decision"
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitCase:
     """A batch to split. ``mode`` is a ForwardMode name; lengths are per sequence."""

@@ -24,22 +24,14 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.split_parity import rejection, resolve_modes
+from parity_tests.split_parity import (CHILDREN, DP, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E,
+                                      I, TV, rejection, resolve_modes)
 from reference import replay_plan as spec_plan
 from reference import split as spec
 from torch_impl import replay_plan as impl_plan
 from torch_impl import two_batch_overlap as impl
 
-E, D, TV, I = "EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"
 MAX = 2**31 - 1
-
-SEQ = "compute_split_seq_index"
-TOKEN = "compute_split_token_index"
-REPLAY = "compute_split_indices_for_cuda_graph_replay"
-PADDED = "compute_children_num_token_non_padded"
-TNPS = "token_num_per_seq"
-CHILDREN = "derive_children"
-DP = "compute_dp_tbo_decision"
 
 
 def plain(value):

@@ -16,22 +16,16 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from parity_tests.split_parity import SplitCase, rejection, side_results
+from parity_tests.split_parity import (CHILDREN, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E, I, TV,
+                                      SplitCase, rejection, side_results)
 from reference import split as spec
 from torch_impl import two_batch_overlap as impl
 
-E, D, TV, I = "EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"
 
 # Another package's ForwardMode with a mode neither side has: accepted by class name, then
 # rejected by member name.
 OtherForwardMode = enum.Enum("ForwardMode", {"PREFILL": "prefill"})
 
-SEQ = "compute_split_seq_index"
-TOKEN = "compute_split_token_index"
-REPLAY = "compute_split_indices_for_cuda_graph_replay"
-PADDED = "compute_children_num_token_non_padded"
-TNPS = "token_num_per_seq"
-CHILDREN = "derive_children"
 
 
 def bad(case_id, function, args, argument, *words):

@@ -338,6 +338,9 @@ class CudaGraphRunner:
         refusal = self.refusal(batch)
         if refusal is not None:
             raise ValueError(f"batch cannot be replayed: {refusal.message}")
+        return self._prepare_checked(batch)
+
+    def _prepare_checked(self, batch: ForwardBatch) -> tuple:
         plan = self.plan(batch)
         mode = "DECODE" if batch.forward_mode is ForwardMode.IDLE else batch.forward_mode.name
         key = GraphKey(mode, plan.token_num_per_seq, plan.graph_bs)
@@ -351,7 +354,9 @@ class CudaGraphRunner:
     def replay(self, batch: ForwardBatch) -> ModelOutput:
         """The forward of ``batch`` by replaying the smallest graph that fits it. Outputs are
         views of the graph's buffers, overwritten by the next replay."""
-        key, plan = self.prepare_replay(batch)
+        return self._launch(*self.prepare_replay(batch))
+
+    def _launch(self, key: GraphKey, plan: replay_plan.ReplayPlan) -> ModelOutput:
         out = self._graphs[key]()
         self.replays += 1
         n = plan.num_token_non_padded
@@ -370,7 +375,9 @@ class CudaGraphRunner:
         """Replay when the batch fits a captured graph, else run eagerly and say why."""
         self._check_batch(batch)
         refusal = self.refusal(batch)
-        if refusal is None:
-            return RunnerOutput(self.replay(batch), replayed=True)
+        if refusal is None:  # checked once: replay without checking again
+            with torch.no_grad():
+                output = self._launch(*self._prepare_checked(batch))
+            return RunnerOutput(output, replayed=True)
         self.fallbacks[refusal.kind] += 1
         return RunnerOutput(self.eager(batch), replayed=False, fallback=refusal)
