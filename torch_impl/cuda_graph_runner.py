@@ -41,6 +41,7 @@ import torch
 from torch_impl import replay_plan
 from torch_impl.attention import TboAttnBackend
 from torch_impl.batch_splitter import TboForwardBatchPreparer
+from torch_impl.expert_parallel import EPStep
 from torch_impl.forward_batch import ForwardBatch, VerifyInput
 from torch_impl.forward_mode import ForwardMode
 from torch_impl.kv_cache import KVPool
@@ -219,9 +220,11 @@ class CudaGraphRunner:
             batch = self.plugin.capture_one_batch_size(batch, key.num_tokens)
         backend = TboAttnBackend()
 
+        ep_step = self._ep_step(batch)
+
         def forward() -> ModelOutput:
             backend.init_forward_metadata(batch, width=self.max_context_len)
-            return self.model(batch, backend)
+            return self.model(batch, backend, ep_step=ep_step)
 
         if not self.use_cuda_graph:
             return forward
@@ -238,6 +241,17 @@ class CudaGraphRunner:
             return out
 
         return replay
+
+    def _ep_step(self, batch: ForwardBatch) -> Optional[EPStep]:
+        """With experts sharded over ranks: the step every rank's graph of this size runs
+        (all ranks replay the same graph, so the capacity is the larger micro-batch's rows)."""
+        if not self.model.expert_parallel:
+            return None
+        if batch.tbo_children is None:
+            return EPStep(batch.num_tokens, 1, "decode")
+        rows = max(end - start for start, end in
+                   (c.tbo_parent_token_range for c in batch.tbo_children))
+        return EPStep(rows, 2, "decode")
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -296,10 +310,20 @@ class CudaGraphRunner:
         if batch.req_to_token is not None and batch.req_to_token is not self.req_to_token:
             raise ValueError("batch.req_to_token is not the runner's req_to_token")
 
-    def plan(self, batch: ForwardBatch) -> replay_plan.ReplayPlan:
+    def plan(self, batch: ForwardBatch, dp_batch_size: Optional[int] = None
+             ) -> replay_plan.ReplayPlan:
+        """``dp_batch_size``: under expert parallelism, the largest batch size over the ranks;
+        every rank then replays the graph that fits it, so all ranks run the same exchanges."""
         mode = batch.forward_mode
         draft = batch.spec_info.draft_token_num if mode is ForwardMode.TARGET_VERIFY else None
-        return replay_plan.plan_replay(mode, batch.batch_size, self.batch_sizes, tbo=self.tbo,
+        sizes = self.batch_sizes
+        if dp_batch_size is not None:
+            if (isinstance(dp_batch_size, bool) or not isinstance(dp_batch_size, int)
+                    or not batch.batch_size <= dp_batch_size <= sizes[-1]):
+                raise ValueError(f"dp_batch_size must be an int in [batch_size="
+                                 f"{batch.batch_size}, {sizes[-1]}], got {dp_batch_size!r}")
+            sizes = [size for size in sizes if size >= dp_batch_size]
+        return replay_plan.plan_replay(mode, batch.batch_size, sizes, tbo=self.tbo,
                                        draft_token_num=draft)
 
     def _mask_block_sizes(self, batch: ForwardBatch) -> Optional[torch.Tensor]:
@@ -330,7 +354,8 @@ class CudaGraphRunner:
         s.num_token_non_padded.fill_(n)
 
     @torch.no_grad()
-    def prepare_replay(self, batch: ForwardBatch) -> tuple:
+    def prepare_replay(self, batch: ForwardBatch, dp_batch_size: Optional[int] = None
+                       ) -> tuple:
         """Everything a replay does before the graph runs: check the batch, plan it, write its
         inputs and padding into the static buffers, write the real-token counts (the
         children's through the plugin). Returns ``(key, plan)`` of the graph to replay."""
@@ -338,10 +363,11 @@ class CudaGraphRunner:
         refusal = self.refusal(batch)
         if refusal is not None:
             raise ValueError(f"batch cannot be replayed: {refusal.message}")
-        return self._prepare_checked(batch)
+        return self._prepare_checked(batch, dp_batch_size)
 
-    def _prepare_checked(self, batch: ForwardBatch) -> tuple:
-        plan = self.plan(batch)
+    def _prepare_checked(self, batch: ForwardBatch, dp_batch_size: Optional[int] = None
+                         ) -> tuple:
+        plan = self.plan(batch, dp_batch_size)
         mode = "DECODE" if batch.forward_mode is ForwardMode.IDLE else batch.forward_mode.name
         key = GraphKey(mode, plan.token_num_per_seq, plan.graph_bs)
         self._write_inputs(batch, key, plan.real_bs)
@@ -351,10 +377,11 @@ class CudaGraphRunner:
         return key, plan
 
     @torch.no_grad()
-    def replay(self, batch: ForwardBatch) -> ModelOutput:
-        """The forward of ``batch`` by replaying the smallest graph that fits it. Outputs are
-        views of the graph's buffers, overwritten by the next replay."""
-        return self._launch(*self.prepare_replay(batch))
+    def replay(self, batch: ForwardBatch, dp_batch_size: Optional[int] = None) -> ModelOutput:
+        """The forward of ``batch`` by replaying the smallest graph that fits it (and
+        ``dp_batch_size``, see ``plan``). Outputs are views of the graph's buffers, overwritten
+        by the next replay."""
+        return self._launch(*self.prepare_replay(batch, dp_batch_size))
 
     def _launch(self, key: GraphKey, plan: replay_plan.ReplayPlan) -> ModelOutput:
         out = self._graphs[key]()

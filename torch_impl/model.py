@@ -13,6 +13,7 @@ Shape letters: ``T`` tokens, ``H`` hidden, ``N`` heads, ``D`` head dim, ``E`` ex
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,8 +22,10 @@ from torch import nn
 from torch_impl import moe
 from torch_impl.config import ModelConfig, check_weights
 from torch_impl.forward_batch import ForwardBatch
-from torch_impl.operations import State, YieldOperation
-from torch_impl.overlap import model_forward_maybe_tbo
+from torch_impl.expert_parallel import EPStep
+from torch_impl.operations import (State, YieldOperation, execute_operations,
+                                   execute_overlapped_operations)
+from torch_impl.overlap import idle_state, model_forward_maybe_tbo
 
 # The two published layouts (docs/spec.md, "Overlapped execution"); the schedule is data.
 LAYOUTS = {
@@ -34,6 +37,10 @@ LAYOUTS = {
                "combine_wait layer_output |"),
 }
 DELTA_STAGES = {"prefill": 0, "decode": 2}
+# What an empty micro-batch runs under expert parallelism: its part in the exchanges (and the
+# expert compute its peers' tokens need); every other operation is skipped.
+EXCHANGE_OPERATIONS = ("router_gate", "select_experts", "dispatch_launch", "dispatch_wait",
+                       "routed_experts", "combine_launch", "combine_wait")
 
 
 def strategy_for(forward_mode) -> str:
@@ -79,14 +86,24 @@ class MoEDecoderLayer(nn.Module):
         for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "router", "experts_gate",
                      "experts_up", "experts_down", "shared_gate", "shared_up", "shared_down"):
             dt = torch.float32 if name == "router" else dtype  # the gate runs in float32
-            setattr(self, name, _param(weights[f"layers.{layer}.{name}"], dt, device))
+            weight = weights[f"layers.{layer}.{name}"]
+            if name.startswith("experts_"):  # a rank holds only its own experts
+                weight = dispatcher.experts_of(weight)
+            setattr(self, name, _param(weight, dt, device))
         inv_freq = np.power(cfg.rope_theta, -np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
         self.register_buffer("inv_freq", torch.as_tensor(inv_freq, dtype=torch.float32,
                                                          device=device), persistent=False)
 
-    def operations(self, strategy: str) -> list:
-        return [YieldOperation() if name == "|" else getattr(self, f"op_{name}")
-                for name in LAYOUTS[strategy].split()]
+    def operations(self, strategy: str, *, empty: bool = False) -> list:
+        """The layer's operations in ``strategy``'s layout; ``empty``: those of an empty
+        micro-batch (``EXCHANGE_OPERATIONS``, the rest skipped, the yields kept)."""
+        ops = []
+        for name in LAYOUTS[strategy].split():
+            if name == "|":
+                ops.append(YieldOperation())
+            elif not empty or name in EXCHANGE_OPERATIONS:
+                ops.append(getattr(self, f"op_{name}"))
+        return ops
 
     # --- attention ---------------------------------------------------------------------------
 
@@ -120,22 +137,24 @@ class MoEDecoderLayer(nn.Module):
         s.router_logits = s.mlp_input.float() @ self.router  # [T, E] float32
 
     def op_select_experts(self, s: State):
+        batch = s.forward_batch
         weights, ids = moe.select_experts(
             s.pop("router_logits"), top_k=self.cfg.top_k, scoring=self.cfg.scoring,
-            num_token_non_padded=s.forward_batch.num_real_tokens)
+            num_token_non_padded=0 if batch is None else batch.num_real_tokens)
         s.topk_weights, s.topk_ids = weights, ids
         s.expert_load.append(moe.expert_load(ids, self.cfg.num_experts))
 
     def op_dispatch_launch(self, s: State):
         s.dispatch_handle = self.dispatcher.dispatch_launch(
-            s.mlp_input, s.pop("topk_weights"), s.pop("topk_ids"))
+            s.mlp_input, s.pop("topk_weights"), s.pop("topk_ids"), micro_batch=s.micro_batch,
+            capacity=s.ep_capacity)
 
     def op_dispatch_wait(self, s: State):
         s.dispatched = self.dispatcher.dispatch_wait(s.pop("dispatch_handle"))
 
     def op_routed_experts(self, s: State):
-        s.expert_out = moe.routed_experts(s.dispatched, self.experts_gate, self.experts_up,
-                                          self.experts_down)
+        s.expert_out = self.dispatcher.experts(s.dispatched, self.experts_gate,
+                                               self.experts_up, self.experts_down)
 
     def op_combine_launch(self, s: State):
         s.combine_handle = self.dispatcher.combine_launch(s.pop("expert_out"),
@@ -150,7 +169,9 @@ class MoEDecoderLayer(nn.Module):
         s.shared_out = out
 
     def op_combine_wait(self, s: State):
-        s.routed_out = self.dispatcher.combine_wait(s.pop("combine_handle"))
+        routed_out = self.dispatcher.combine_wait(s.pop("combine_handle"))
+        if s.forward_batch is not None:  # an empty micro-batch has nothing to keep
+            s.routed_out = routed_out
 
     def op_layer_output(self, s: State):
         # routed and shared outputs are float32 sums, rounded to the model dtype once here
@@ -188,18 +209,73 @@ class MoEModel(nn.Module):
         ops = [op for layer in self.layers for op in layer.operations(strategy)]
         return ops, DELTA_STAGES[strategy]
 
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether the routed experts are sharded over several ranks."""
+        return getattr(self.dispatcher, "world_size", 1) > 1
+
+    def check_ep_step(self, batch: ForwardBatch, ep_step) -> None:
+        """ValueError unless ``ep_step`` fits this rank's batch: checked before anything
+        launches, since a rank that fails mid-step would leave its peers waiting."""
+        if not self.expert_parallel:
+            if ep_step is not None:
+                raise ValueError("ep_step is given but the model's dispatcher is local")
+            return
+        if not isinstance(ep_step, EPStep):
+            raise ValueError("ep_step (an EPStep every rank agrees on) is required when the "
+                             f"experts are sharded over ranks, got {ep_step!r}")
+        idle = batch.forward_mode.is_idle() or batch.num_tokens == 0
+        if not idle:
+            if strategy_for(batch.forward_mode) != ep_step.strategy:
+                raise ValueError(f"ep_step.strategy is {ep_step.strategy!r} but this rank's "
+                                 f"{batch.forward_mode.name} batch runs "
+                                 f"{strategy_for(batch.forward_mode)!r}")
+            if (batch.tbo_children is not None) != (ep_step.micro_batches == 2):
+                raise ValueError(f"ep_step.micro_batches is {ep_step.micro_batches} but the "
+                                 f"batch is {'' if batch.tbo_children else 'not '}split")
+        ranges = ([c.tbo_parent_token_range for c in batch.tbo_children]
+                  if batch.tbo_children and not idle else [(0, batch.num_tokens)])
+        self.dispatcher.check_capacity(ep_step.capacity,
+                                       max(end - start for start, end in ranges))
+
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch, attn_backend, *, profile: bool = False
-                ) -> ModelOutput:
+    def forward(self, batch: ForwardBatch, attn_backend, *, profile: bool = False,
+                ep_step: Optional[EPStep] = None) -> ModelOutput:
         """Plain forward, or two-batch overlap when ``batch.tbo_children`` is set (then
-        ``attn_backend`` is a ``TboAttnBackend`` initialised from the batch)."""
+        ``attn_backend`` is a ``TboAttnBackend`` initialised from the batch).
+
+        ``ep_step``: with experts sharded over ranks, what every rank agrees on for this step
+        (capacity, one or two micro-batches, layout). An idle rank, or an empty child, still
+        runs its part of every exchange, so all ranks exchange in the same order."""
+        self.check_ep_step(batch, ep_step)
         hidden = self.embed[batch.input_ids]  # [T, H]
         if batch.forward_mode.is_idle() or batch.num_tokens == 0:
-            empty_load = torch.zeros(self.cfg.num_layers, self.cfg.num_experts,
-                                     dtype=torch.int64, device=hidden.device)
-            return ModelOutput(hidden, hidden @ self.lm_head, empty_load)
+            load = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.int64,
+                               device=hidden.device)
+            if self.expert_parallel:
+                load = self._exchange_only(ep_step, hidden.dtype, hidden.device)
+            return ModelOutput(hidden, hidden @ self.lm_head, load)
         ops, delta = self.operations(batch.forward_mode)
+        empty_ops = None
+        if self.expert_parallel:
+            empty_ops = [op for layer in self.layers
+                         for op in layer.operations(ep_step.strategy, empty=True)]
         hidden, residual, load = model_forward_maybe_tbo(
-            ops, delta, batch, hidden, attn_backend=attn_backend, profile=profile)
+            ops, delta, batch, hidden, attn_backend=attn_backend, profile=profile,
+            ep_capacity=None if ep_step is None else ep_step.capacity,
+            empty_operations=empty_ops)
         hidden = rmsnorm(hidden + residual, self.final_norm, self.cfg.rms_eps)
         return ModelOutput(hidden, hidden @ self.lm_head, load)
+
+    def _exchange_only(self, ep_step: EPStep, dtype, device) -> torch.Tensor:
+        """An idle rank's step: empty micro-batches through every exchange (its experts still
+        compute its peers' tokens). Returns the (all-zero) expert load."""
+        ops = [op for layer in self.layers
+               for op in layer.operations(ep_step.strategy, empty=True)]
+        states = [idle_state(self.cfg.hidden_size, dtype, device, index, ep_step.capacity)
+                  for index in range(ep_step.micro_batches)]
+        if len(states) == 1:
+            execute_operations(states[0], ops)
+        else:
+            execute_overlapped_operations(states, [ops, ops], DELTA_STAGES[ep_step.strategy])
+        return sum(torch.stack(s.expert_load) for s in states)

@@ -83,10 +83,20 @@ class LocalDispatcher:
     hand back the result. Across GPUs the launches start all-to-alls and the waits wait on them.
     """
 
+    world_size = 1  # no expert parallelism: every expert is here
+
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch_launch(self, hidden, topk_weights, topk_ids) -> Dispatched:
+    @staticmethod
+    def experts_of(weight):
+        """The experts this device holds: all of them."""
+        return weight
+
+    def dispatch_launch(self, hidden, topk_weights, topk_ids, *, micro_batch: int = 0,
+                        capacity=None) -> Dispatched:
+        """``micro_batch`` and ``capacity`` matter only across ranks; one device ignores
+        them."""
         num_tokens, top_k = topk_ids.shape
         flat_ids = topk_ids.flatten()
         sort_key = torch.where(flat_ids < 0, self.num_experts, flat_ids)  # padding last
@@ -97,6 +107,10 @@ class LocalDispatcher:
 
     def dispatch_wait(self, handle: Dispatched) -> Dispatched:
         return handle
+
+    @staticmethod
+    def experts(dispatched: Dispatched, gate, up, down) -> torch.Tensor:
+        return routed_experts(dispatched, gate, up, down)
 
     def combine_launch(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         """expert_out [P, H] (buffer order) -> routed [T, H] float32: the weighted sum over each

@@ -15,41 +15,68 @@ from torch_impl.forward_batch import ForwardBatch
 from torch_impl.operations import State, execute_operations, execute_overlapped_operations
 
 
-def _state(batch: ForwardBatch, backend, hidden, residual) -> State:
+def _state(batch: ForwardBatch, backend, hidden, residual, micro_batch: int = 0,
+           ep_capacity=None) -> State:
+    """A micro-batch's state. ``micro_batch`` (0 = A or plain, 1 = B) picks the dispatcher's
+    buffers; ``ep_capacity`` is the step's expert-parallel capacity (None: the micro-batch's
+    own token count, valid where every rank's micro-batch has the same shape, as in a graph)."""
     return State(hidden_states=hidden, residual=residual, forward_batch=batch,
-                 attn_backend=backend, expert_load=[])
+                 attn_backend=backend, expert_load=[], micro_batch=micro_batch,
+                 ep_capacity=hidden.shape[0] if ep_capacity is None else ep_capacity)
 
 
 def _outputs(states: list) -> tuple:
-    """Concatenate hidden states and residuals in token order; sum expert loads."""
-    hidden = torch.cat([s.hidden_states for s in states])
-    residual = torch.cat([s.residual for s in states])
+    """Concatenate hidden states and residuals in token order; sum expert loads (an empty
+    micro-batch adds no rows and no load)."""
+    real = [s for s in states if s.forward_batch is not None]
+    hidden = torch.cat([s.hidden_states for s in real])
+    residual = torch.cat([s.residual for s in real])
     load = sum(torch.stack(s.expert_load) for s in states)
     return hidden, residual, load
 
 
+def idle_state(hidden_size: int, dtype, device, micro_batch: int, ep_capacity: int) -> State:
+    """An empty micro-batch: no tokens, but it takes part in every exchange of the step (an
+    expert-parallel rank with nothing to send still receives and computes for its peers)."""
+    return State(mlp_input=torch.empty(0, hidden_size, dtype=dtype, device=device),
+                 expert_load=[], micro_batch=micro_batch, ep_capacity=ep_capacity,
+                 forward_batch=None)
+
+
 def model_forward_maybe_tbo(operations, delta_stages: int, batch: ForwardBatch,
                             hidden_states: torch.Tensor, residual=None, *, attn_backend,
-                            profile: bool = False) -> tuple:
+                            profile: bool = False, ep_capacity=None,
+                            empty_operations=None) -> tuple:
     """(hidden [T, H], residual [T, H], expert_load [layers, E]) after all operations.
 
     Without ``batch.tbo_children`` this is the plain path. With them, each non-empty child
     runs as a micro-batch; when both are non-empty they overlap with ``delta_stages``.
+    ``empty_operations`` (expert parallelism over several ranks): an empty child is not
+    skipped but runs these operations (its part in the exchanges) as an empty micro-batch,
+    so every rank runs the same exchanges in the same order.
     """
     if batch.tbo_children is None:
         backend = attn_backend.primary if isinstance(attn_backend, TboAttnBackend) \
             else attn_backend
-        state = _state(batch, backend, hidden_states, residual)
+        state = _state(batch, backend, hidden_states, residual, 0, ep_capacity)
         return _outputs([execute_operations(state, operations, profile=profile)])
     if not isinstance(attn_backend, TboAttnBackend):
         raise ValueError("attn_backend must be a TboAttnBackend for a batch with tbo_children")
-    states = []
-    for child, backend in zip(batch.tbo_children, attn_backend.children):
+    states, ops = [], []
+    for index, (child, backend) in enumerate(zip(batch.tbo_children, attn_backend.children)):
         start, end = child.tbo_parent_token_range
-        if end > start:  # an empty child is skipped
+        if end > start:
             states.append(_state(child, backend, hidden_states[start:end],
-                                 None if residual is None else residual[start:end]))
+                                 None if residual is None else residual[start:end], index,
+                                 ep_capacity))
+            ops.append(operations)
+        elif empty_operations is not None:
+            states.append(idle_state(hidden_states.shape[1], hidden_states.dtype,
+                                     hidden_states.device, index,
+                                     1 if ep_capacity is None else ep_capacity))
+            ops.append(empty_operations)
+        # else: an empty child is skipped
     if len(states) == 1:
-        return _outputs([execute_operations(states[0], operations, profile=profile)])
-    return _outputs(execute_overlapped_operations(states, [operations, operations],
-                                                  delta_stages, profile=profile))
+        return _outputs([execute_operations(states[0], ops[0], profile=profile)])
+    return _outputs(execute_overlapped_operations(states, ops, delta_stages,
+                                                  profile=profile))

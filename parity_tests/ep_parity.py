@@ -1,0 +1,413 @@
+"""Expert-parallel parity on N ranks: every rank's outputs against the single-device JAX spec.
+
+Data-parallel attention with expert parallelism, as DeepSeek-style serving runs it: each rank
+has its own batch and KV cache, and the routed experts are sharded over the ranks, so a
+token's MoE output is computed partly on other ranks. Mathematically nothing changes per
+token, so rank ``r``'s outputs must equal the single-device spec run on rank ``r``'s batch
+alone (docs/model.md, "Expert parallelism").
+
+A rank is a process. ``launch`` starts N of them on this host with the environment
+``torchrun`` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the worker also
+runs under ``torchrun --nproc-per-node N -m parity_tests.ep_parity --out_dir=...``. Each rank
+writes ``rank<r>.json``; ``launch`` kills every rank if one fails or time runs out, and never
+waits without a limit.
+
+Checks on every rank (each a row of the JSON):
+
+- ``layer``: dispatch -> local experts -> combine of crafted routings (uneven loads, an expert
+  that receives nothing, padding rows, a rank with no tokens) against ``LocalDispatcher`` with
+  every expert on one device; with several transports, their outputs bit for bit;
+- ``model``: the MoE model, plain and with TBO, in DECODE, TARGET_VERIFY and EXTEND, with an
+  idle rank, a rank whose child B is empty and a padded batch, against the JAX spec;
+- ``graph`` (CUDA only): the same model captured in CUDA graphs per batch size, plain and TBO,
+  every rank replaying the graph that fits the largest rank's batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+SHUTDOWN_GRACE_S = 20  # after the last rank reported, how long teardown may take
+
+
+# --- the launcher ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: float,
+           env: Optional[dict] = None) -> list:
+    """Run ``nproc`` ranks of this module's worker; return each rank's report (a dict).
+
+    Raises RuntimeError naming the rank and showing the end of its output if a rank exits
+    non-zero or the run exceeds ``timeout_s``; every rank is killed before it returns."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(nproc):
+        rank_env = dict(os.environ, **(env or {}), RANK=str(rank), LOCAL_RANK=str(rank),
+                        WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+        log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "parity_tests.ep_parity", f"--out_dir={out_dir}", *args],
+            env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + timeout_s
+    failure = None
+    try:
+        while any(p.poll() is None for p in procs):
+            bad = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if bad:
+                failure = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
+                break
+            if time.monotonic() > deadline:
+                waiting = [r for r, p in enumerate(procs) if p.poll() is None]
+                failure = f"timed out after {timeout_s:.0f} s; ranks {waiting} still running"
+                break
+            time.sleep(0.05)
+        else:
+            bad = [r for r, p in enumerate(procs) if p.returncode != 0]
+            if bad:
+                failure = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+        for log in logs:
+            log.close()
+    if failure:
+        tails = []
+        for rank in range(nproc):
+            with open(os.path.join(out_dir, f"rank{rank}.log")) as f:
+                tails.append(f"--- rank {rank} ---\n" + "".join(f.readlines()[-25:]))
+        raise RuntimeError(f"{failure}\n" + "\n".join(tails))
+    reports = []
+    for rank in range(nproc):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            reports.append(json.load(f))
+    return reports
+
+
+# --- what each rank runs -----------------------------------------------------------------------
+
+# Per-rank scenarios: the case of rank r is built from ``cases(r)``; ranks differ in batch size,
+# lengths and seed, so capacity, padding and splits differ per rank.
+
+
+def model_scenarios(world_size: int) -> dict:
+    """name -> function rank -> ModelCase (or ("padded", case, n) for a padded batch)."""
+    from parity_tests.model_parity import ModelCase
+
+    def decode(r):
+        return ModelCase("DECODE", tuple(3 + 2 * i + r for i in range(2 + r % 3)), seed=20 + r)
+
+    def verify(r):
+        return ModelCase("TARGET_VERIFY", tuple(4 + i + r for i in range(2 + r % 2)),
+                         draft_token_num=3, tree=bool(r % 2), seed=30 + r)
+
+    def extend(r):
+        lens = tuple(2 + (3 * i + r) % 7 for i in range(2 + r % 2))
+        return ModelCase("EXTEND", tuple(i % 3 for i in range(len(lens))), lens, seed=40 + r)
+
+    def idle_rank(r):  # the last rank has nothing to run but still hosts experts
+        return ModelCase("IDLE", ()) if r == world_size - 1 else decode(r)
+
+    def one_sequence(r):  # rank 0's child B is empty under TBO
+        return ModelCase("DECODE", (7,), seed=50) if r == 0 else decode(r)
+
+    def padded(r):
+        return ("padded", ModelCase("DECODE", tuple(5 + i for i in range(2 + r)), seed=60 + r),
+                1 + r)
+
+    return {"decode": decode, "target-verify": verify, "extend": extend,
+            "idle-rank": idle_rank, "one-sequence": one_sequence, "decode-padded": padded}
+
+
+def layer_routings(rank: int, world_size: int, num_experts: int, top_k: int, tokens: int):
+    """name -> topk_ids [T, K] (int64 numpy) of crafted routings for one rank."""
+    import numpy as np
+
+    rng = np.random.default_rng(100 + rank)
+
+    def distinct(rows, choices):
+        return np.stack([rng.choice(choices, top_k, replace=False) for _ in range(rows)])
+
+    everyone = np.arange(num_experts)
+    uneven = distinct(tokens, everyone)
+    uneven[:, 0] = 0  # every token's first pick is expert 0
+    uneven[:, 1:] = np.where(uneven[:, 1:] == 0, num_experts - 1, uneven[:, 1:])
+    routings = {
+        "uniform": distinct(tokens, everyone),
+        "uneven": uneven,
+        "empty-expert": distinct(tokens, everyone[everyone != 1]),  # expert 1 gets nothing
+        "padding": distinct(tokens, everyone),
+        "idle-rank": distinct(tokens, everyone),
+    }
+    routings["padding"][tokens // 2:] = -1
+    if rank == world_size - 1:
+        routings["idle-rank"] = routings["idle-rank"][:0]
+    return routings
+
+
+def _relative(x, y) -> float:
+    import numpy as np
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(float(np.abs(y).max(initial=0.0)), 1e-30)
+    return float(np.abs(x - y).max(initial=0.0)) / scale
+
+
+def check_layer(dispatchers: dict, cfg, weights, *, device, dtype, rank, world_size) -> list:
+    """The EP exchange + local experts of every crafted routing against LocalDispatcher."""
+    import numpy as np
+    import torch
+
+    from torch_impl import moe
+
+    rows = []
+    tokens = 12
+    g = {n: torch.as_tensor(weights[f"layers.0.experts_{n}"]).to(device=device, dtype=dtype)
+         for n in ("gate", "up", "down")}
+    local = moe.LocalDispatcher(cfg.num_experts)
+    gen = torch.Generator().manual_seed(7 + rank)
+    for name, ids in layer_routings(rank, world_size, cfg.num_experts, cfg.top_k,
+                                    tokens).items():
+        count = ids.shape[0]
+        hidden = torch.randn(count, cfg.hidden_size, generator=gen).to(device=device,
+                                                                        dtype=dtype)
+        w = torch.rand(count, cfg.top_k, generator=gen).to(device)
+        topk_ids = torch.as_tensor(ids, device=device)
+        w = w.masked_fill(topk_ids < 0, 0.0)
+        if count:
+            dispatched = local.dispatch_launch(hidden, w, topk_ids)
+            want = local.combine_launch(local.experts(dispatched, g["gate"], g["up"],
+                                                      g["down"]), dispatched)
+        else:
+            want = torch.zeros(0, cfg.hidden_size)
+        outputs = {}
+        for transport, disp in dispatchers.items():
+            handle = disp.dispatch_wait(disp.dispatch_launch(hidden, w, topk_ids,
+                                                             micro_batch=0, capacity=tokens))
+            out = disp.experts(handle, *(disp.experts_of(g[n]) for n in ("gate", "up", "down")))
+            got = disp.combine_wait(disp.combine_launch(out, handle))
+            outputs[transport] = got.cpu()
+            rows.append({"check": "layer", "name": name, "transport": transport,
+                         "tokens": count, "error": _relative(got.cpu(), want.cpu()),
+                         "pairs_to_expert_1": int((topk_ids == 1).sum())})
+        first = next(iter(outputs.values()))
+        rows.append({"check": "layer-transports", "name": name,
+                     "bitwise_equal": all(torch.equal(first, o) for o in outputs.values())})
+    return rows
+
+
+def _world(spec, ref_cfg):
+    from parity_tests import model_parity as mp
+
+    if isinstance(spec, tuple):
+        _, case, pad = spec
+        return mp.pad_world(mp.build_world(case, ref_cfg), pad)
+    return mp.build_world(spec, ref_cfg)
+
+
+def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, graphs_only=False
+                ) -> list:
+    """Plain and TBO forwards of every scenario against this rank's JAX spec."""
+    import numpy as np
+    import torch
+
+    from parity_tests import model_parity as mp
+    from torch_impl.attention import TboAttnBackend
+    from torch_impl.batch_splitter import TboForwardBatchPreparer
+    from torch_impl.expert_parallel import agree_ep_step
+
+    rows = []
+    device = model.embed.device
+    for name, make in model_scenarios(world_size).items():
+        world = _world(make(rank), ref_cfg)
+        spec_in = (mp.bf16_oracle_inputs(world, weights) if dtype_name == "bfloat16"
+                   else (world, weights))
+        want = mp.run_jax(spec_in[0], ref_cfg, spec_in[1])
+        for tbo in (False, True):
+            batch = mp.torch_batch(world, dtype=mp.TORCH_DTYPES[dtype_name], device=device)
+            backend = TboAttnBackend()
+            if tbo and not batch.forward_mode.is_idle():
+                batch = TboForwardBatchPreparer().prepare(batch)
+            step = agree_ep_step(batch, micro_batches=2 if tbo else 1)
+            if not batch.forward_mode.is_idle():
+                backend.init_forward_metadata(batch)
+            out = model(batch, backend, ep_step=step)
+            got = {"hidden": out.hidden.float().cpu().numpy(),
+                   "logits": out.logits.float().cpu().numpy(),
+                   "k_pool": batch.kv_pool.k.float().cpu().numpy(),
+                   "v_pool": batch.kv_pool.v.float().cpu().numpy(),
+                   "expert_load": out.expert_load.cpu().numpy()}
+            errors = mp.relative_errors(got, want)
+            rows.append({"check": "model", "name": name, "tbo": tbo, "mode": world.case.mode,
+                         "capacity": step.capacity, "errors": errors,
+                         "error": max(errors.values()),
+                         "expert_load_equal": bool(np.array_equal(got["expert_load"],
+                                                                  want["expert_load"])),
+                         "zero_load_experts": int((want["expert_load"].sum(0) == 0).sum())})
+    return rows
+
+
+def check_graphs(model, ref_cfg, weights, *, dtype_name, rank, world_size) -> list:
+    """CUDA-graph replay on every rank: each rank its own batch size, all ranks the graph
+    that fits the largest rank's batch (``dp_batch_size``), plain and TBO."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from parity_tests import model_parity as mp
+    from torch_impl.cuda_graph_runner import CudaGraphRunner
+    from torch_impl.kv_cache import KVPool
+
+    rows = []
+    device = model.embed.device
+    dtype = mp.TORCH_DTYPES[dtype_name]
+    max_bs, context = 16, 24
+    layout = mp.serving_layout(ref_cfg, max_bs, context, 0)
+    dp_bs = 2 + 3 * (world_size - 1)
+    for tbo in (False, True):
+        req_to_token = torch.tensor(layout.req_to_token, device=device)
+        pool = KVPool(torch.tensor(layout.k_pool).to(device, dtype),
+                      torch.tensor(layout.v_pool).to(device, dtype))
+        runner = CudaGraphRunner(
+            model, pool, req_to_token, max_context_len=context,
+            padding_slot=layout.padding_slot, padding_req_row=layout.padding_req_row,
+            draft_token_nums=(3,), batch_sizes=[2, 4, 8, 16] if tbo else [1, 2, 4, 8, 16],
+            tbo=tbo)
+        for mode, draft in (("DECODE", None), ("TARGET_VERIFY", 3)):
+            real_bs = 2 + 3 * rank  # ranks differ: every rank but the last pads more
+            rng = np.random.default_rng(70 + rank)
+            prefix = tuple(int(p) for p in rng.integers(1, context - 3, size=real_bs))
+            case = mp.ModelCase(mode, prefix, draft_token_num=draft, tree=True,
+                                seed=70 + rank)
+            world = mp.build_world(case, ref_cfg, layout)
+            pool.k.copy_(torch.tensor(layout.k_pool).to(device, dtype))
+            pool.v.copy_(torch.tensor(layout.v_pool).to(device, dtype))
+            batch = mp.torch_batch(world, dtype=dtype, device=device,
+                                   pools=(req_to_token, pool))
+            out = runner.replay(batch, dp_batch_size=dp_bs)
+            spec_in = (mp.bf16_oracle_inputs(world, weights) if dtype_name == "bfloat16"
+                       else (world, weights))
+            want = mp.run_jax(spec_in[0], ref_cfg, spec_in[1])
+            got = {"hidden": out.hidden.float().cpu().numpy(),
+                   "logits": out.logits.float().cpu().numpy()}
+            errors = {n: _relative(got[n], want[n]) for n in got}
+            rows.append({"check": "graph", "name": f"{mode.lower()}-bs{real_bs}-in-{dp_bs}",
+                         "tbo": tbo, "errors": errors, "error": max(errors.values()),
+                         "expert_load_equal": bool(np.array_equal(
+                             out.expert_load.cpu().numpy(), want["expert_load"]))})
+        del runner
+        torch.cuda.synchronize(device)
+        dist.barrier()
+    return rows
+
+
+def faulty_dispatcher_type():
+    """A dispatcher with a planted bug, for the negative test: its pairs go to the wrong
+    ranks (each destination gets the block meant for the next rank)."""
+    from torch_impl.expert_parallel import ExpertParallelDispatcher
+
+    class Faulty(ExpertParallelDispatcher):
+        @staticmethod
+        def pack(send, rows, hidden, topk_ids, capacity) -> None:
+            ExpertParallelDispatcher.pack(send, rows, hidden, topk_ids, capacity)
+            send.copy_(send.roll(1, dims=0))
+
+    return Faulty
+
+
+def worker_main(argv) -> int:
+    """One rank: build the sharded model, run the checks, write ``rank<r>.json``."""
+    from absl import flags
+
+    FLAGS = flags.FlagValues()
+    flags.DEFINE_string("out_dir", None, "where rank<r>.json goes", flag_values=FLAGS)
+    flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "cpu (gloo) or cuda (nccl)",
+                      flag_values=FLAGS)
+    flags.DEFINE_list("transports", ["all_to_all"], "all_to_all and/or copy_engine",
+                      flag_values=FLAGS)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype",
+                      flag_values=FLAGS)
+    flags.DEFINE_bool("graphs", False, "also CUDA-graph replay (cuda only)", flag_values=FLAGS)
+    flags.DEFINE_enum("fault", None, ["rotate_destinations"],
+                      "negative tests only: plant a bug on rank 0 (its pairs go to the wrong "
+                      "ranks); parity must then fail", flag_values=FLAGS)
+    FLAGS(argv)
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from parity_tests import model_parity as mp
+    from torch_impl.expert_parallel import ExpertParallelDispatcher
+    from torch_impl.model import MoEModel
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if FLAGS.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    started = time.time()
+    dtype = mp.TORCH_DTYPES[FLAGS.dtype]
+    ref_cfg, torch_cfg, weights, _ = mp.make_models(0)
+    report = {"rank": rank, "world_size": world_size, "device": str(device),
+              "torch": torch.__version__, "rows": []}
+    dispatcher_type = (faulty_dispatcher_type() if FLAGS.fault and rank == 0
+                       else ExpertParallelDispatcher)
+    dispatchers = {t: dispatcher_type(
+        torch_cfg.num_experts, hidden_size=torch_cfg.hidden_size, max_capacity=128,
+        dtype=dtype, device=device, transport=t) for t in FLAGS.transports}
+    report["rows"] += check_layer(dispatchers, torch_cfg, weights, device=device, dtype=dtype,
+                                  rank=rank, world_size=world_size)
+    for transport, dispatcher in dispatchers.items():
+        model = MoEModel(torch_cfg, weights, dtype=dtype, device=device, dispatcher=dispatcher)
+        for row in check_model(model, ref_cfg, weights, dtype_name=FLAGS.dtype, rank=rank,
+                               world_size=world_size):
+            report["rows"].append(row | {"transport": transport})
+        if FLAGS.graphs:
+            for row in check_graphs(model, ref_cfg, weights, dtype_name=FLAGS.dtype,
+                                    rank=rank, world_size=world_size):
+                report["rows"].append(row | {"transport": transport})
+    report["seconds"] = time.time() - started
+    with open(os.path.join(FLAGS.out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    shutdown(device)
+    return 0
+
+
+def shutdown(device) -> None:
+    """Leave the process group without hanging: every rank reaches a barrier, the device is
+    idle, then the group is destroyed (after CUDA-graph capture a bare destroy was seen to
+    hang; ``launch`` still bounds it)."""
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv))

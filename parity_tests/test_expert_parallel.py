@@ -1,0 +1,89 @@
+"""Expert parallelism on 2 and 4 gloo ranks (CPU processes): every rank's outputs equal the
+single-device JAX spec on its own batch, and the exchange equals one device's dispatch.
+
+Each launch runs the ranks as processes with a timeout and kills them all on failure, so no
+test can hang (parity_tests/ep_parity.py). Bounds: float32, the model bound 1e-5
+(parity_tests/test_model_parity.py): the sharded model computes the same float32 products as
+one device, only batched per expert instead of per pair, so only the summation order differs
+(measured <= 1.1e-6 for the model, <= 3.4e-7 for one layer).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parity_tests import ep_parity
+from parity_tests.model_parity import BOUNDS
+
+LAUNCH_TIMEOUT_S = 240  # a 4-rank run takes about 20 s on a 2-core machine
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
+def reports(request, tmp_path_factory):
+    n = request.param
+    return n, ep_parity.launch(n, str(tmp_path_factory.mktemp(f"ep{n}")),
+                               timeout_s=LAUNCH_TIMEOUT_S)
+
+
+def _rows(reports, check):
+    return [(r["rank"], row) for r in reports for row in r["rows"] if row["check"] == check]
+
+
+def test_every_rank_reported(reports):
+    n, reps = reports
+    assert sorted(r["rank"] for r in reps) == list(range(n))
+    assert all(r["world_size"] == n for r in reps)
+
+
+def test_sharded_layer_equals_one_device(reports):
+    """dispatch -> local experts -> combine over the ranks == LocalDispatcher with all experts,
+    for uniform and uneven routings, an expert that receives nothing, padding rows and a rank
+    with no tokens."""
+    _, reps = reports
+    rows = _rows(reps, "layer")
+    assert {row["name"] for _, row in rows} == {"uniform", "uneven", "empty-expert", "padding",
+                                               "idle-rank"}
+    for rank, row in rows:
+        assert row["error"] <= BOUNDS["float32"], (rank, row)
+    # the scenarios are what they say: nothing goes to expert 1, one rank sends no token
+    assert all(row["pairs_to_expert_1"] == 0 for _, row in rows if row["name"] == "empty-expert")
+    assert any(row["tokens"] == 0 for _, row in rows if row["name"] == "idle-rank")
+
+
+def test_model_on_every_rank_equals_spec(reports):
+    """Plain and TBO, DECODE / TARGET_VERIFY / EXTEND, an idle rank, an empty child B, a padded
+    batch: each rank's hidden states, logits, KV pools and expert load equal the single-device
+    spec's on that rank's batch."""
+    n, reps = reports
+    rows = _rows(reps, "model")
+    names = {row["name"] for _, row in rows}
+    assert names == set(ep_parity.model_scenarios(n))
+    assert {row["tbo"] for _, row in rows} == {False, True}
+    assert {row["mode"] for _, row in rows} == {"DECODE", "TARGET_VERIFY", "EXTEND", "IDLE"}
+    for rank, row in rows:
+        assert row["error"] <= BOUNDS["float32"], (rank, row)
+        assert row["expert_load_equal"], (rank, row)
+    assert any(row["zero_load_experts"] > 0 for _, row in rows if row["mode"] != "IDLE"), \
+        "no scenario left an expert without tokens"
+
+
+def test_a_misrouted_exchange_is_caught(tmp_path):
+    """Negative test: rank 0 sends each destination the block meant for the next rank. The
+    layer and model checks must both see it."""
+    reps = ep_parity.launch(2, str(tmp_path), ["--fault=rotate_destinations"],
+                            timeout_s=LAUNCH_TIMEOUT_S)
+    layer = [row for _, row in _rows(reps, "layer") if row["tokens"]]
+    model = [row for _, row in _rows(reps, "model") if row["mode"] != "IDLE"]
+    assert any(row["error"] > BOUNDS["float32"] for row in layer)
+    assert any(row["error"] > BOUNDS["float32"] for row in model)
+
+
+def test_launch_reports_a_failing_rank_and_kills_the_rest(tmp_path):
+    with pytest.raises(RuntimeError, match="rank"):
+        ep_parity.launch(2, str(tmp_path), ["--device=bogus"], timeout_s=LAUNCH_TIMEOUT_S)
+
+
+def test_launch_rejects_bad_nproc(tmp_path):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="nproc"):
+            ep_parity.launch(bad, str(tmp_path), timeout_s=1)
