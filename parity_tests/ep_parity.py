@@ -46,8 +46,10 @@ def free_port() -> int:
 
 
 def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: float,
-           env: Optional[dict] = None) -> list:
-    """Run ``nproc`` ranks of this module's worker; return each rank's report (a dict).
+           env: Optional[dict] = None, module: str = "parity_tests.ep_parity",
+           report_glob: str = "rank{rank}.json") -> list:
+    """Run ``nproc`` ranks of ``module`` (this module's worker by default); return each rank's
+    report, the JSON file ``report_glob`` names in ``out_dir``.
 
     Raises RuntimeError naming the rank and showing the end of its output if a rank exits
     non-zero or the run exceeds ``timeout_s``; every rank is killed before it returns."""
@@ -63,7 +65,7 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
         log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "parity_tests.ep_parity", f"--out_dir={out_dir}", *args],
+            [sys.executable, "-m", module, f"--out_dir={out_dir}", *args],
             env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout_s
     failure = None
@@ -97,7 +99,7 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
         raise RuntimeError(f"{failure}\n" + "\n".join(tails))
     reports = []
     for rank in range(nproc):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+        with open(os.path.join(out_dir, report_glob.format(rank=rank))) as f:
             reports.append(json.load(f))
     return reports
 

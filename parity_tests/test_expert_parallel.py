@@ -87,3 +87,28 @@ def test_launch_rejects_bad_nproc(tmp_path):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="nproc"):
             ep_parity.launch(bad, str(tmp_path), timeout_s=1)
+
+
+def _two_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs two CUDA devices")
+def test_two_gpus_both_transports_eager_and_graphs(tmp_path):
+    """On 2 GPUs (NCCL): the same checks with both transports, plus CUDA-graph replay (plain
+    and TBO, DECODE and TARGET_VERIFY, every rank replaying the largest rank's graph); the
+    transports' layer outputs bit for bit equal."""
+    reps = ep_parity.launch(2, str(tmp_path), ["--device=cuda",
+                                               "--transports=all_to_all,copy_engine",
+                                               "--graphs"], timeout_s=LAUNCH_TIMEOUT_S)
+    for check in ("layer", "model", "graph"):
+        rows = _rows(reps, check)
+        assert {row["transport"] for _, row in rows} == {"all_to_all", "copy_engine"}
+        for rank, row in rows:
+            assert row["error"] <= BOUNDS["float32"], (rank, row)
+            assert row.get("expert_load_equal", True), (rank, row)
+    assert {row["tbo"] for _, row in _rows(reps, "graph")} == {False, True}
+    assert all(row["bitwise_equal"] for _, row in _rows(reps, "layer-transports"))

@@ -240,6 +240,9 @@ def _view(buffer: torch.Tensor, shape) -> torch.Tensor:
 
 
 TRANSPORTS = {"all_to_all": AllToAllTransport, "copy_engine": CopyEngineTransport}
+# What a transport object provides (the dispatcher calls nothing else).
+TRANSPORT_METHODS = ("allocate", "start_dispatch", "finish_dispatch", "start_combine",
+                     "finish_combine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,15 +309,20 @@ class ExpertParallelDispatcher:
         for name, value in (("hidden_size", hidden_size), ("max_capacity", max_capacity)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {sorted(TRANSPORTS)}, got "
-                             f"{transport!r}")
+        if isinstance(transport, str) and transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {sorted(TRANSPORTS)} or a transport "
+                             f"object, got {transport!r}")
+        if not isinstance(transport, str) and not all(
+                callable(getattr(transport, m, None)) for m in TRANSPORT_METHODS):
+            raise ValueError(f"transport object {transport!r} lacks one of "
+                             f"{TRANSPORT_METHODS}")
         self.device = torch.device(device)
         if transport == "copy_engine" and self.device.type != "cuda":
             raise ValueError("transport 'copy_engine' needs CUDA devices, got device "
                              f"{self.device}")
         self.max_capacity, self.hidden_size, self.dtype = max_capacity, hidden_size, dtype
-        self.transport = TRANSPORTS[transport](group)
+        self.transport = (TRANSPORTS[transport](group) if isinstance(transport, str)
+                          else transport)
         on_gpu = self.device.type == "cuda"
         self.comm_stream = (comm_stream or torch.cuda.Stream(self.device)) if on_gpu else None
         shape = (self.world_size, self.local_experts, max_capacity, hidden_size)
@@ -323,6 +331,9 @@ class ExpertParallelDispatcher:
         self._send = [torch.empty(send_numel, dtype=dtype, device=self.device)
                       for _ in range(2)]
         self._bufs = [self.transport.allocate(shape, dtype, self.device) for _ in range(2)]
+        # Observability (the timeline): when a list, every piece of communication-stream work
+        # appends (label, micro_batch, start event, end event). None costs nothing.
+        self.trace: Optional[list] = None
 
     def experts_of(self, weight):
         """This rank's rows of an ``[E, ...]`` expert weight."""
@@ -357,12 +368,24 @@ class ExpertParallelDispatcher:
         event.record(self.comm_stream)
         return event
 
-    def _on_comm(self, fn):
+    def _traced(self, fn, label: str, micro_batch: int):
+        """Run ``fn`` on the communication stream (current), bracketed by timing events if
+        tracing."""
+        if self.trace is None:
+            return fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.comm_stream)
+        result = fn()
+        end.record(self.comm_stream)
+        self.trace.append((label, micro_batch, start, end))
+        return result
+
+    def _on_comm(self, fn, label: str = "", micro_batch: int = 0):
         context = self._fork()
         if context is None:
             return fn(), None
         with context:
-            result = fn()
+            result = self._traced(fn, label, micro_batch)
         return result, self._record()
 
     @staticmethod
@@ -378,7 +401,8 @@ class ExpertParallelDispatcher:
         self.pack(send, rows, hidden, topk_ids, capacity)  # on the compute stream
         bufs = self._bufs[micro_batch]
         work, event = self._on_comm(
-            lambda: self.transport.start_dispatch(send, bufs, capacity))
+            lambda: self.transport.start_dispatch(send, bufs, capacity), "dispatch",
+            micro_batch)
         return EPHandle(micro_batch, capacity, topk_weights, topk_ids, work, event,
                         keep=(send,))
 
@@ -391,7 +415,9 @@ class ExpertParallelDispatcher:
         else:
             # the permute (all_to_all) belongs to the communication stream
             with torch.cuda.stream(self.comm_stream):
-                handle.recv = self.transport.finish_dispatch(handle.work, send, bufs, c)
+                handle.recv = self._traced(
+                    lambda: self.transport.finish_dispatch(handle.work, send, bufs, c),
+                    "dispatch (layout)", handle.micro_batch)
             handle.event = self._record()
             self._join(handle)
         return handle
@@ -403,7 +429,8 @@ class ExpertParallelDispatcher:
     def combine_launch(self, expert_out: torch.Tensor, handle: EPHandle) -> EPHandle:
         bufs = self._bufs[handle.micro_batch]
         work, event = self._on_comm(
-            lambda: self.transport.start_combine(expert_out, bufs, handle.capacity))
+            lambda: self.transport.start_combine(expert_out, bufs, handle.capacity), "combine",
+            handle.micro_batch)
         return dataclasses.replace(handle, work=work, event=event, recv=None,
                                    keep=(expert_out,))
 

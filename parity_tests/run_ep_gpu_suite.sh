@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Expert parallelism on 2 GPUs of one host (a lent nvidia-h100-x2 / h200-x2), from the root:
+#
+#   bash parity_tests/run_ep_gpu_suite.sh [parity|bench|all]   (default: all)
+#
+#   parity  pytest: EP parity on 2 GPUs, both transports, eager and CUDA graphs
+#   bench   benchmarks/overlap.py --nproc=2 (decode sweep, knobs, prefill, timeline step)
+#
+# Writes logs and results under $OUT (default /tmp/tbo-ep) and prints a short summary last.
+set -uo pipefail
+export PYTHONPATH=. JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/tbo-ep}
+STAGE=${1:-all}
+mkdir -p "$OUT"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi topo -m 2>/dev/null | head -n 4
+  python3 -c "import sys, torch, jax; print('python', sys.version.split()[0]); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version()); \
+print('jax', jax.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+status=0
+if [[ $STAGE == parity || $STAGE == all ]]; then
+  timeout 300 python3 -m pytest parity_tests/test_expert_parallel.py -q -m gpu -p no:cacheprovider \
+    -rs --junitxml="$OUT/ep-junit.xml" > "$OUT/ep-pytest.log" 2>&1 || status=1
+  grep -E "passed|failed|^FAILED|Error" "$OUT/ep-pytest.log" | tail -n 20
+  timeout 200 python3 - "$OUT/ep-parity" <<'PY' || status=1
+import json, sys
+from parity_tests.ep_parity import launch
+reps = launch(2, sys.argv[1], ["--device=cuda", "--transports=all_to_all,copy_engine", "--graphs"],
+              timeout_s=180)
+worst = {}
+for r in reps:
+    for row in r["rows"]:
+        if "error" in row:
+            key = (row["check"], row.get("transport"))
+            worst[key] = max(worst.get(key, 0.0), row["error"])
+for key, err in sorted(worst.items()):
+    print("worst", key, f"{err:.2e}")
+PY
+fi
+if [[ $STAGE == bench || $STAGE == all ]]; then
+  timeout 560 python3 benchmarks/overlap.py --nproc=2 --out_dir="$OUT/bench" \
+    --commit="${COMMIT:-unknown}" > "$OUT/bench.log" 2>&1 || status=1
+  tail -n 45 "$OUT/bench.log"
+fi
+exit $status
