@@ -1,7 +1,7 @@
 """Does two-batch overlap hide the expert-parallel exchange? Measured on N GPUs of one host.
 
     PYTHONPATH=. python3 benchmarks/overlap.py --nproc=2 [--out_dir=docs] [--commit=SHA]
-        [--tokens=32,64,128,256,512,1024] [--prefill_tokens=4096] [--layers=4]
+        [--tokens=32,64,128,256,512,1024] [--prefill_tokens=1024,4096] [--emulated_link_us=100,250] [--layers=4]
         [--transports=all_to_all,copy_engine] [--knobs] [--timeline_tokens=1024]
 
 The model is a slice of a DeepSeek-V3 MoE decoder, in bfloat16: hidden 7168, top-8 routing over
@@ -22,8 +22,10 @@ stream; ranks start each block together after a barrier):
 - ``limit_ratio`` = ``tbo_ms / max(compute_ms, comm_ms)`` (1.00 is the physical limit);
 - ``speedup`` = ``plain_ms / tbo_ms``.
 
-Also: one prefill step (EXTEND, ``--prefill_tokens`` per rank, eager: graphs are for decode),
-plain vs TBO; with ``--knobs``, NCCL's SM trade (``max_ctas`` of the communicator, cuBLAS SM
+Also: prefill steps (EXTEND, ``--prefill_tokens`` per rank in sequences of 64 tokens, eager:
+graphs are for decode), plain vs TBO; a clearly labelled slow-link emulation (a spin of
+``--emulated_link_us`` on the communication stream after every send: the regime of a link
+slower than NVLink, never a replacement for the real numbers); with ``--knobs``, NCCL's SM trade (``max_ctas`` of the communicator, cuBLAS SM
 carve-out) swept for ``all_to_all`` at 256 and 1024 tokens; a check that the logits are bit for
 bit the same for every transport and knob; the crossover (the smallest ``T`` from which TBO wins
 at every larger measured ``T``); and one TBO decode step recorded with CUDA events on both
@@ -46,6 +48,7 @@ import time
 
 HIDDEN, INTERMEDIATE, TOP_K, EXPERTS_PER_RANK = 7168, 2048, 8, 8
 HEADS, HEAD_DIM, VOCAB, CONTEXT = 8, 128, 1024, 32
+PREFILL_LENGTH = 64
 
 
 def _flags():
@@ -58,8 +61,11 @@ def _flags():
                         flag_values=F)
     flags.DEFINE_list("tokens", ["32", "64", "128", "256", "512", "1024"],
                       "decode tokens per rank", flag_values=F)
-    flags.DEFINE_integer("prefill_tokens", 4096, "EXTEND tokens per rank (0: skip)",
-                         lower_bound=0, flag_values=F)
+    flags.DEFINE_list("prefill_tokens", ["1024", "4096"], "EXTEND tokens per rank (empty: "
+                      "skip)", flag_values=F)
+    flags.DEFINE_list("emulated_link_us", ["100", "250"], "slow-link emulation: delays added "
+                      "to every exchange on the communication stream (empty: skip)",
+                      flag_values=F)
     flags.DEFINE_integer("layers", 4, "decoder layers", lower_bound=1, flag_values=F)
     flags.DEFINE_list("transports", ["all_to_all", "copy_engine"], "transports to measure",
                       flag_values=F)
@@ -168,6 +174,54 @@ class SilentTransport:
 
         n, l, c, h = shape
         return _view(bufs["back"], (n * l, c, h))
+
+
+class DelayedTransport:
+    """Slow-link emulation: the wrapped transport, then a spin of ``cycles`` GPU clock cycles
+    on the communication stream after every send (``torch.cuda._sleep``, one tiny kernel:
+    capturable, and it occupies one SM, not the link). For the regime of a link slower than
+    NVLink (across hosts); its numbers are labelled emulated and never replace the real ones."""
+
+    def __init__(self, inner, cycles: int):
+        self.inner, self.cycles, self.name = inner, cycles, inner.name + "+delay"
+
+    def allocate(self, shape, dtype, device):
+        return self.inner.allocate(shape, dtype, device)
+
+    def _delay(self):
+        import torch
+
+        torch.cuda._sleep(self.cycles)
+
+    def start_dispatch(self, send, bufs, c):
+        work = self.inner.start_dispatch(send, bufs, c)
+        self._delay()
+        return work
+
+    def finish_dispatch(self, work, send, bufs, c):
+        return self.inner.finish_dispatch(work, send, bufs, c)
+
+    def start_combine(self, out, bufs, c):
+        work = self.inner.start_combine(out, bufs, c)
+        self._delay()
+        return work
+
+    def finish_combine(self, work, bufs, shape):
+        return self.inner.finish_combine(work, bufs, shape)
+
+
+def sleep_cycles_per_us(device) -> float:
+    """GPU clock cycles per microsecond of ``torch.cuda._sleep``, measured."""
+    import torch
+
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) * 1e3)
 
 
 def make_dispatcher(cfg, transport: str, *, max_capacity, device, dtype, group=None,
@@ -355,7 +409,7 @@ def worker(F) -> dict:
     tokens = sorted(int(t) for t in F.tokens)
     max_t = max(tokens)
     result = {"rank": rank, "world_size": world, "decode": [], "knobs": [], "prefill": [],
-              "bitwise": {}}
+              "emulated": [], "bitwise": {}}
     comm_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     first = make_dispatcher(cfg, "none", max_capacity=max_t, device=device, dtype=dtype,
                             comm_stream=comm_stream)
@@ -441,50 +495,63 @@ def worker(F) -> dict:
             got = [logits[(name, t)] for name in F.transports if (name, t) in logits]
             result["bitwise"][str(t)] = all(torch.equal(got[0], g) for g in got)
     # prefill (eager)
+    # the slow-link emulation (multi-node regime): clearly labelled, never the real numbers
+    if F.emulated_link_us and not F.timeline_only and device.type == "cuda":
+        cycles_per_us = sleep_cycles_per_us(device)
+        for delay in (int(x) for x in F.emulated_link_us):
+            d = make_dispatcher(cfg, "copy_engine", max_capacity=max_t, device=device,
+                                dtype=dtype, comm_stream=comm_stream)
+            d.transport = DelayedTransport(d.transport, int(delay * cycles_per_us))
+            use_dispatcher(model, d)
+            big = [t for t in (256, 1024) if t in tokens] or [max_t]
+            r_tbo, r_plain = runner(True, big), runner(False, big)
+            for t in big:
+                row, _ = decode_row(f"copy_engine + {delay} us/exchange (emulated)", r_tbo,
+                                    r_plain, *silent[t], t)
+                result["emulated"].append(row | {"delay_us": delay})
+            del r_tbo, r_plain
     if F.prefill_tokens and not F.timeline_only:
         del srv
-        result["prefill"] = prefill_rows(F, cfg, model, world, device, dtype, comm_stream)
+        result["prefill"] = prefill_rows(F, cfg, model, [int(x) for x in F.prefill_tokens],
+                                         device, dtype, comm_stream)
     # the timeline step
     if F.timeline_tokens:
         result["timeline"] = record_timeline(F, cfg, model, device, dtype, comm_stream)
     return result
 
 
-def prefill_rows(F, cfg, model, world, device, dtype, comm_stream) -> list:
-    import torch
-
+def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream) -> list:
+    """One eager EXTEND step per size in ``totals`` (tokens per rank), plain and TBO, for the
+    silent transport (compute only) and each measured transport."""
     from torch_impl.attention import TboAttnBackend
     from torch_impl.batch_splitter import TboForwardBatchPreparer
     from torch_impl.expert_parallel import agree_ep_step
 
-    seqs, length = 4, F.prefill_tokens // 4
-    srv = serving(cfg, seqs, length, device=device, dtype=dtype)
     rows = []
-    for name in ["none"] + list(F.transports):
-        d = make_dispatcher(cfg, name, max_capacity=F.prefill_tokens, device=device,
-                            dtype=dtype, comm_stream=comm_stream)
-        use_dispatcher(model, d)
-        times = {}
-        for tbo in (False, True):
-            batch = extend_batch(cfg, srv, seqs, length, device=device)
-            if tbo:
-                batch = TboForwardBatchPreparer().prepare(batch)
-            step = agree_ep_step(batch, micro_batches=2 if tbo else 1)
+    for total in totals:
+        # Sequences of PREFILL_LENGTH tokens: the reference attention gathers each token's
+        # whole context ([T, length, heads, dim]); long sequences would time the attention.
+        seqs, length = max(1, total // PREFILL_LENGTH), min(total, PREFILL_LENGTH)
+        srv = serving(cfg, seqs, length, device=device, dtype=dtype)
+        for name in ["none"] + list(F.transports):
+            use_dispatcher(model, make_dispatcher(cfg, name, max_capacity=total,
+                                                  device=device, dtype=dtype,
+                                                  comm_stream=comm_stream))
+            times = {}
+            for tbo in (False, True):
+                batch = extend_batch(cfg, srv, seqs, length, device=device)
+                if tbo:
+                    batch = TboForwardBatchPreparer().prepare(batch)
+                step = agree_ep_step(batch, micro_batches=2 if tbo else 1)
 
-            def fn(batch=batch, step=step):
-                backend = TboAttnBackend()
-                backend.init_forward_metadata(batch)
-                return model(batch, backend, ep_step=step)
+                def fn(batch=batch, step=step):
+                    backend = TboAttnBackend()
+                    backend.init_forward_metadata(batch)
+                    return model(batch, backend, ep_step=step)
 
-            times[tbo] = timed(fn, iters=1, repeats=max(3, F.repeats // 2), device=device)
-        rows.append({"transport": name, "tokens": F.prefill_tokens, "plain_ms": times[False],
-                     "tbo_ms": times[True], "speedup": times[False] / times[True]})
-        del d
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    compute = {r["tbo_ms"] for r in rows if r["transport"] == "none"}.pop()
-    for row in rows:
-        row["compute_tbo_ms"] = compute
+                times[tbo] = timed(fn, iters=1, repeats=max(3, F.repeats // 2), device=device)
+            rows.append({"transport": name, "tokens": total, "plain_ms": times[False],
+                         "tbo_ms": times[True], "speedup": times[False] / times[True]})
     return rows
 
 
@@ -632,6 +699,18 @@ def markdown(report: dict) -> str:
         for r in report["prefill"]:
             lines.append(f"| {r['transport']} | {r['tokens']} | {r['plain_ms']:.2f} | "
                          f"{r['tbo_ms']:.2f} | {r['speedup']:.2f} |")
+    if report.get("emulated"):
+        lines += ["", "## Emulated slow link (NOT a measurement of a real link)", "",
+                  "copy_engine plus a spin of the stated length on the communication stream "
+                  "after every send: the regime where communication costs about as much as "
+                  "compute (across hosts).", "",
+                  "| transport | tokens/rank | compute ms | comm ms | plain ms | TBO ms | hidden "
+                  "fraction | TBO / max | plain / TBO |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["emulated"]:
+            lines.append(f"| {r['transport']} | {r['tokens']} | {r['compute_ms']:.3f} | "
+                         f"{r['comm_ms']:.3f} | {r['plain_ms']:.3f} | {r['tbo_ms']:.3f} | "
+                         f"{r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
+                         f"{r['speedup']:.2f} |")
     lines += ["", "## Crossover and bit-identity", "",
               f"- TBO wins from (tokens per rank, decode): {report['crossover']}",
               f"- Logits bit for bit equal across transports, per token count: "
@@ -673,7 +752,8 @@ def main(argv) -> int:
                 if torch.cuda.is_available() else None,
                 "commit": F.commit, "layers": F.layers},
         "decode": rank0["decode"], "knobs": rank0["knobs"], "prefill": rank0["prefill"],
-        "bitwise": rank0["bitwise"], "crossover": crossover(rank0["decode"]),
+        "emulated": rank0["emulated"], "bitwise": rank0["bitwise"],
+        "crossover": crossover(rank0["decode"]),
     }
     if rank0.get("timeline"):
         with open(os.path.join(F.out_dir, "timeline.json"), "w") as f:

@@ -26,7 +26,7 @@ if [[ $STAGE == parity || $STAGE == all ]]; then
   timeout 300 python3 -m pytest parity_tests/test_expert_parallel.py -q -m gpu -p no:cacheprovider \
     -rs --junitxml="$OUT/ep-junit.xml" > "$OUT/ep-pytest.log" 2>&1 || status=1
   grep -E "passed|failed|^FAILED|Error" "$OUT/ep-pytest.log" | tail -n 20
-  timeout 200 python3 - "$OUT/ep-parity" <<'PY' || status=1
+  timeout 200 python3 - /tmp/tbo-ep-parity "$OUT/ep-parity-worst.txt" <<'PY' || status=1
 import json, sys
 from parity_tests.ep_parity import launch
 reps = launch(2, sys.argv[1], ["--device=cuda", "--transports=all_to_all,copy_engine", "--graphs"],
@@ -37,13 +37,18 @@ for r in reps:
         if "error" in row:
             key = (row["check"], row.get("transport"))
             worst[key] = max(worst.get(key, 0.0), row["error"])
-for key, err in sorted(worst.items()):
-    print("worst", key, f"{err:.2e}")
+with open(sys.argv[2], "w") as f:
+    for key, err in sorted(worst.items()):
+        print("worst", key, f"{err:.2e}")
+        print("worst", key, f"{err:.2e}", file=f)
 PY
 fi
 if [[ $STAGE == bench || $STAGE == all ]]; then
-  timeout 560 python3 benchmarks/overlap.py --nproc=2 --out_dir="$OUT/bench" \
+  # rank logs stay on the machine; only the results come back
+  timeout 560 python3 benchmarks/overlap.py --nproc=2 --out_dir=/tmp/tbo-bench \
     --commit="${COMMIT:-unknown}" > "$OUT/bench.log" 2>&1 || status=1
-  tail -n 45 "$OUT/bench.log"
+  cp /tmp/tbo-bench/overlap-benchmark.* /tmp/tbo-bench/timeline.json "$OUT/" 2>/dev/null
+  tail -n 3 /tmp/tbo-bench/rank*.log
+  grep -vE "^\| (default|4|8|16) \|" "$OUT/bench.log" | tail -n 60
 fi
 exit $status

@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from torch_impl.forward_mode import strategy_for
+
 
 def check_layout(num_experts: int, world_size: int) -> int:
     """``L``, the local experts per rank; ValueError unless ``E`` splits evenly over ranks."""
@@ -464,8 +466,6 @@ def agree_ep_step(batch, *, micro_batches: int, group=None) -> EPStep:
     (an idle rank follows it). Every rank sees the same reduced numbers, so a disagreement
     raises the same ValueError on all of them instead of leaving some waiting.
     """
-    from torch_impl.model import strategy_for  # the model imports this module
-
     idle = batch.forward_mode.is_idle() or batch.num_tokens == 0
     if idle:
         rows, code_max, code_min = 1, 0, 3

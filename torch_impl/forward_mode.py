@@ -28,3 +28,13 @@ class ForwardMode(enum.Enum):
 
 
 TBO_MODES = (ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.IDLE)
+
+
+def strategy_for(forward_mode: ForwardMode) -> str:
+    """The operations layout a mode runs (docs/spec.md, "Overlapped execution"): EXTEND the
+    "prefill" one, DECODE and TARGET_VERIFY the "decode" one."""
+    if forward_mode.is_extend():
+        return "prefill"
+    if forward_mode.is_uniform():
+        return "decode"
+    raise ValueError(f"forward_mode {forward_mode.name} has no operations strategy")

@@ -22,6 +22,7 @@ from torch import nn
 from torch_impl import moe
 from torch_impl.config import ModelConfig, check_weights
 from torch_impl.forward_batch import ForwardBatch
+from torch_impl.forward_mode import strategy_for  # noqa: F401 (re-exported)
 from torch_impl.expert_parallel import EPStep
 from torch_impl.operations import (State, YieldOperation, execute_operations,
                                    execute_overlapped_operations)
@@ -41,15 +42,6 @@ DELTA_STAGES = {"prefill": 0, "decode": 2}
 # expert compute its peers' tokens need); every other operation is skipped.
 EXCHANGE_OPERATIONS = ("router_gate", "select_experts", "dispatch_launch", "dispatch_wait",
                        "routed_experts", "combine_launch", "combine_wait")
-
-
-def strategy_for(forward_mode) -> str:
-    """EXTEND overlaps with the prefill layout, DECODE and TARGET_VERIFY with the decode one."""
-    if forward_mode.is_extend():
-        return "prefill"
-    if forward_mode.is_uniform():
-        return "decode"
-    raise ValueError(f"forward_mode {forward_mode.name} has no operations strategy")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
