@@ -61,19 +61,31 @@ flags.DEFINE_integer("max_draft", 8, "verify: draft token counts 1..max_draft.",
 flags.DEFINE_integer("max_graph_bs", 256, "verify: captured graph sizes 1..max_graph_bs, each "
                      "with every real batch size 0..size.", lower_bound=1, upper_bound=2048,
                      flag_values=FLAGS)
+flags.DEFINE_integer("nproc", 1, "expert-parallel ranks (run: model parity on them; "
+                     "timeline: the recorded step's).",
+                     lower_bound=1, upper_bound=64, flag_values=FLAGS)
+flags.DEFINE_string("out", "timeline.png", "timeline: the PNG to write (its JSON next to it).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("tokens", 1024, "timeline: decode tokens per rank of the recorded step.",
+                     lower_bound=2, flag_values=FLAGS)
+flags.DEFINE_enum("transport", "copy_engine", ["copy_engine", "all_to_all"],
+                  "timeline: the expert-parallel transport.", flag_values=FLAGS)
 flags.DEFINE_integer("workers", None, "verify: processes running the implementation "
                      "(default: one per CPU; 1 runs it in this process).", lower_bound=1,
                      flag_values=FLAGS)
 
 COMMANDS = {
     "run": ("Split, model and (on a GPU) graph-replay parity of spec and implementation.",
-            ("cases_per_mode", "seed", "device", "dtype", "model")),
+            ("cases_per_mode", "seed", "device", "dtype", "model", "nproc")),
     "verify": ("Every batch within small bounds, spec against implementation.",
                ("max_seqs", "max_len", "max_bs", "max_draft", "max_graph_bs", "workers")),
+    "timeline": ("Record one TBO decode step on N ranks and draw its timeline (a PNG).",
+                 ("nproc", "device", "tokens", "transport", "out")),
 }
 EXAMPLES = ("tbo-parity run", "tbo-parity run --nomodel --cases_per_mode=5000",
             "tbo-parity run --device=cuda --dtype=bfloat16", "tbo-parity verify",
-            "tbo-parity verify --max_seqs=6 --max_len=8")
+            "tbo-parity verify --max_seqs=6 --max_len=8", "tbo-parity run --nproc=4",
+            "tbo-parity timeline --nproc=2 --device=cuda --out=docs/timeline.png")
 HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull", "-?", "help")
 MODEL_BOUNDS = {"float32": "1e-5", "bfloat16": "2e-2"}  # model_parity.BOUNDS, as printed
 BOUNDS_TEXT = ", ".join(f"{dtype} {bound}" for dtype, bound in MODEL_BOUNDS.items())
@@ -90,7 +102,7 @@ class CommandLineError(Exception):
 
 def help_text() -> str:
     lines = ["tbo-parity: check the PyTorch implementation of two-batch overlap against its JAX "
-             "spec.", "", "usage: tbo-parity {run|verify} [flags]", "", "commands:"]
+             "spec.", "", f"usage: tbo-parity {{{'|'.join(COMMANDS)}}} [flags]", "", "commands:"]
     for name, (summary, _) in COMMANDS.items():
         lines.append(f"  {name:<8} {summary}")
     for name, (_, names) in COMMANDS.items():
@@ -98,7 +110,7 @@ def help_text() -> str:
         for flag_name in names:
             flag = FLAGS[flag_name]
             shown = f"--[no]{flag_name}" if flag_name == "model" else f"--{flag_name}"
-            help_ = flag.help.split(": ", 1)[1]  # without the "run: " / "verify: " tag
+            help_ = _help_for(flag, name)
             values = getattr(flag.parser, "enum_values", None)
             if values:
                 help_ += f" One of {', '.join(values)}."
@@ -106,6 +118,27 @@ def help_text() -> str:
     lines += ["", "examples:"] + [f"  {example}" for example in EXAMPLES]
     lines += ["", "Exit status: 0 all agree, 1 a mismatch (with a reproducer), 2 bad usage."]
     return "\n".join(lines)
+
+
+# Flags two commands share, described for each of them.
+SHARED_HELP = {
+    ("run", "nproc"): "also model parity on this many expert-parallel ranks, as processes: "
+                      "gloo on a CPU; NCCL, both transports and CUDA graphs with "
+                      "--device=cuda (1: none).",
+    ("timeline", "nproc"): "ranks (GPUs) of the recorded step.",
+    ("timeline", "device"): "where the ranks run: cuda, or cpu for a tiny model (the picture "
+                            "then has no communication lane).",
+}
+
+
+def _help_for(flag, command: str) -> str:
+    """A flag's help for one command, without the "run: " / "verify: " tag."""
+    text = SHARED_HELP.get((command, flag.name), flag.help)
+    if text.startswith("<"):  # absl's "<a|b>: " before an enum's help
+        text = text.split(": ", 1)[1]
+    if text.split(": ", 1)[0] in COMMANDS:
+        text = text.split(": ", 1)[1]
+    return text[0].upper() + text[1:]
 
 
 def parse(argv: list) -> str:
@@ -123,8 +156,10 @@ def parse(argv: list) -> str:
         raise CommandLineError(f"unknown command {' '.join(commands)!r}; usage: tbo-parity "
                                f"{{{names}}} [flags] (tbo-parity --help)")
     command = commands[0]
+    own = COMMANDS[command][1]
     for other, (_, names_of_other) in COMMANDS.items():
-        given = [n for n in names_of_other if other != command and FLAGS[n].present]
+        given = [n for n in names_of_other
+                 if other != command and n not in own and FLAGS[n].present]
         if given:
             raise CommandLineError(f"--{given[0]} applies to `tbo-parity {other}`, not "
                                    f"`tbo-parity {command}`")
@@ -216,6 +251,45 @@ def check_graphs(dtype: str):
                    "seconds": time.perf_counter() - start, **report}
 
 
+EP_TIMEOUT_S = 900  # every rank is killed past it (a 4-rank CPU run takes about 20 s)
+
+
+def check_expert_parallel(nproc: int, device: str):
+    """Model parity on ``nproc`` expert-parallel ranks (parity_tests/ep_parity.py), float32:
+    one row per check and transport, its cases over all ranks, the worst error."""
+    import tempfile
+
+    from parity_tests import ep_parity
+    from parity_tests.model_parity import BOUNDS
+
+    args = (["--device=cuda", "--transports=all_to_all,copy_engine", "--graphs"]
+            if device == "cuda" else [])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            reports = ep_parity.launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S)
+        except RuntimeError as error:
+            yield {"mode": f"{nproc} ranks", "kind": "ep", "cases": 1, "mismatches": 1,
+                   "seconds": time.perf_counter() - start,
+                   "failures": str(error).splitlines()[:12]}
+            return
+    seconds = time.perf_counter() - start
+    groups = {}
+    for report in reports:
+        for row in report["rows"]:
+            if "error" in row:
+                groups.setdefault((row["check"], row.get("transport")), []).append(
+                    (report["rank"], row))
+    for (check, transport), rows in groups.items():
+        bad = [f"rank {rank} {row['name']}{' tbo' if row.get('tbo') else ''}: error "
+               f"{row['error']:.2e}, expert load equal {row.get('expert_load_equal', True)}"
+               for rank, row in rows
+               if row["error"] > BOUNDS["float32"] or not row.get("expert_load_equal", True)]
+        yield {"mode": f"{check} {transport}", "kind": f"ep {nproc} ranks", "cases": len(rows),
+               "mismatches": len(bad), "seconds": seconds,
+               "worst": max(row["error"] for _, row in rows), "failures": bad}
+
+
 def _row(label: str, row: dict, columns: tuple) -> str:
     errors = " ".join(f"{row[k]:>11.1e}" if k in row else f"{'-':>11}" for k in columns)
     return (f"{label:<44} {row['cases']:>6} {row['mismatches']:>10} {row['seconds']:>6.1f}s  "
@@ -235,7 +309,8 @@ LEGEND = (f"A-B: the max relative error max|A - B| / max|B| over hidden states, 
           f"both KV pools;\nplain / TBO: the PyTorch model without / with two-batch overlap; "
           f"JAX, JAXTBO: the JAX spec plain / TBO.\nbound: {BOUNDS_TEXT}; expert loads must be "
           f"equal. graph rows: replay of a CUDA graph vs the eager forward\nand the spec "
-          f"(bounds in parity_tests/graph_parity.py).")
+          f"(bounds in parity_tests/graph_parity.py). ep rows: each rank of an expert-parallel "
+          f"group\nagainst the single-device spec on its own batch (parity_tests/ep_parity.py).")
 
 
 def _print(line: str = "") -> None:
@@ -243,7 +318,7 @@ def _print(line: str = "") -> None:
 
 
 def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu",
-               dtype: str = "float32") -> int:
+               dtype: str = "float32", nproc: int = 1) -> int:
     from parity_tests.cases import MODES
 
     rows = []
@@ -267,6 +342,13 @@ def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu
             for row in check_graphs(dtype):
                 rows.append(row)
                 _print(_row(f"{row['kind']} {row['mode']}", row, GRAPH_COLUMNS))
+        if nproc > 1:
+            _print()
+            _print(_header(f"expert parallelism on {nproc} ranks (float32, each rank vs JAX)",
+                           ("worst",)))
+            for row in check_expert_parallel(nproc, device):
+                rows.append(row)
+                _print(_row(f"{row['kind']} {row['mode']}", row, ("worst",)))
         _print()
         _print(LEGEND)
     failed = [row for row in rows if row["mismatches"]]
@@ -283,6 +365,10 @@ def _report_failures(failed: list) -> None:
             _print(f"    {line}")
     for row in [row for row in failed if "reproducer" in row][:1]:
         _print(f"\nfirst failing model scenario ({row['mode']}):\n    {row['reproducer']}")
+        for line in row["failures"]:
+            _print(f"    {line}")
+    for row in [row for row in failed if row.get("kind", "").startswith("ep")][:1]:
+        _print(f"\nfirst failing expert-parallel check ({row['mode']}):")
         for line in row["failures"]:
             _print(f"    {line}")
     for row in [row for row in failed if row.get("kind", "").startswith("graph")][:1]:
@@ -323,6 +409,44 @@ def run_verify(bounds, workers: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# timeline
+# ---------------------------------------------------------------------------------------------
+
+
+def run_timeline(nproc: int, device: str, tokens: int, transport: str, out: str) -> int:
+    """Record one TBO decode step on ``nproc`` ranks (benchmarks/overlap.py's timeline step:
+    timing events around every stage on the compute stream and every exchange on the
+    communication stream) and draw it (parity_tests/timeline.py)."""
+    import json
+    import tempfile
+
+    from parity_tests import ep_parity
+    from parity_tests.timeline import draw_timeline, intervals_from_json, summarize
+
+    args = ["--timeline_only", f"--timeline_tokens={tokens}", f"--device={device}",
+            f"--transports={transport}", f"--timeline_transport={transport}"]
+    if device == "cpu":
+        args += ["--tiny", "--timeline_transport=all_to_all", "--transports=all_to_all"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ep_parity.launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S, module="benchmarks.overlap",
+                         report_glob="overlap-rank{rank}.json")
+        with open(os.path.join(tmp, "overlap-rank0.json")) as f:
+            recorded = json.load(f)["timeline"]
+    intervals = intervals_from_json(recorded)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(recorded, f, indent=1)
+    title = (f"TBO decode step, {nproc} x {device}, {transport if device == 'cuda' else 'tiny'}"
+             f", {tokens} tokens/rank")
+    draw_timeline(intervals, out, title=title)
+    summary = summarize(intervals)
+    _print(f"wrote {out}: step {summary['total_ms']:.3f} ms, overlap "
+           f"{summary['overlap_ms']:.3f} ms, {100 * summary['hidden_fraction']:.0f}% of "
+           f"communication hidden under compute")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -333,11 +457,21 @@ def _main(argv: list) -> int:
         return 0
     try:
         command = parse(argv)
-        if command == "run" and FLAGS.model and FLAGS.device == "cuda":
+        if (command == "timeline" or FLAGS.model) and FLAGS.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise CommandLineError("--device=cuda, but torch sees no CUDA device")
+            if FLAGS.nproc > torch.cuda.device_count():
+                raise CommandLineError(f"--nproc={FLAGS.nproc}, but torch sees "
+                                       f"{torch.cuda.device_count()} CUDA devices")
+        if command == "run" and FLAGS.nproc > 1 and not FLAGS.model:
+            raise CommandLineError("--nproc runs model parity, which --nomodel skips")
+        if command == "timeline" and FLAGS.device == "cpu" and FLAGS["transport"].present \
+                and FLAGS.transport == "copy_engine":
+            raise CommandLineError("--transport=copy_engine needs --device=cuda")
+        if command == "timeline" and not FLAGS.out.endswith(".png"):
+            raise CommandLineError(f"--out must name a .png file, got {FLAGS.out!r}")
     except CommandLineError as error:
         print(f"tbo-parity: {error}", file=sys.stderr)
         return 2
@@ -350,8 +484,10 @@ def _main(argv: list) -> int:
         bounds = Bounds(FLAGS.max_seqs, FLAGS.max_len, FLAGS.max_bs, FLAGS.max_draft,
                         FLAGS.max_graph_bs)
         return run_verify(bounds, FLAGS.workers or os.cpu_count() or 1)
+    if command == "timeline":
+        return run_timeline(FLAGS.nproc, FLAGS.device, FLAGS.tokens, FLAGS.transport, FLAGS.out)
     return run_parity(FLAGS.cases_per_mode, FLAGS.seed, model=FLAGS.model, device=FLAGS.device,
-                      dtype=FLAGS.dtype)
+                      dtype=FLAGS.dtype, nproc=FLAGS.nproc)
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""`tbo-parity run --nproc N` and `tbo-parity timeline`: expert-parallel rows in the main job,
+and the overlap picture (on a CPU, of a tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from parity_tests import cli
+from parity_tests.timeline import intervals_from_json
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
+                          capture_output=True, text=True)
+
+
+def test_expert_parallel_rows_cover_layer_and_model_on_every_rank():
+    rows = list(cli.check_expert_parallel(2, "cpu"))
+    assert {row["mode"] for row in rows} == {"layer all_to_all", "model all_to_all"}
+    for row in rows:
+        assert row["mismatches"] == 0, row["failures"]
+        assert row["cases"] > 0 and row["worst"] <= 1e-5
+
+
+def test_a_failing_expert_parallel_row_fails_the_run(monkeypatch, capsys):
+    bad = {"mode": "model all_to_all", "kind": "ep 2 ranks", "cases": 24, "mismatches": 1,
+           "seconds": 1.0, "worst": 0.5, "failures": ["rank 0 decode: error 5.00e-01"]}
+    monkeypatch.setattr(cli, "check_expert_parallel", lambda nproc, device: iter([bad]))
+    monkeypatch.setattr(cli, "check_models", lambda device, dtype: iter([]))
+    assert cli.run_parity(1, 0, model=True, nproc=2) == 1
+    out = capsys.readouterr().out
+    assert "expert parallelism on 2 ranks" in out
+    assert "first failing expert-parallel check" in out and "rank 0 decode" in out
+    assert out.rstrip().endswith("FAIL")
+
+
+def test_timeline_writes_a_png_and_its_intervals(tmp_path):
+    out = tmp_path / "pictures" / "step.png"
+    result = _cli("timeline", "--nproc=2", "--tokens=4", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    intervals = intervals_from_json(json.loads(out.with_suffix(".json").read_text()))
+    # both micro-batches ran every stage of the decode layout in every layer
+    assert {i.micro_batch for i in intervals} == {"a", "b"}
+    for mb in "ab":
+        stages = [i for i in intervals if i.micro_batch == mb and i.lane == "compute"]
+        assert len(stages) == benchmark_layers() * cli_stage_count()
+    assert "wrote" in result.stdout
+
+
+def benchmark_layers() -> int:
+    from benchmarks.overlap import _flags
+
+    return _flags()["layers"].default
+
+
+def cli_stage_count() -> int:
+    from torch_impl.model import LAYOUTS
+
+    return LAYOUTS["decode"].count("|")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["run", "--nomodel", "--nproc=2"], "--nomodel"),
+    (["verify", "--nproc=2"], "--nproc applies to `tbo-parity run`"),
+    (["timeline", "--out=picture.jpg"], ".png"),
+    (["timeline", "--transport=copy_engine"], "--device=cuda"),
+    (["timeline", "--cases_per_mode=3"], "--cases_per_mode applies to `tbo-parity run`"),
+    (["run", "--nproc=0"], "--nproc"),
+])
+def test_bad_usage_is_one_line_and_exit_two(args, words):
+    result = _cli(*args)
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
