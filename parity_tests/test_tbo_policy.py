@@ -102,3 +102,24 @@ def test_unsupported_mode_rejected_alike():
     for side, mode in ((spec, SpecMode.MIXED), (impl, ImplMode.MIXED)):
         with pytest.raises(ValueError, match="MIXED"):
             side.tbo_enabled(mode, 8)
+
+
+def _spec_table():
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "spec.md").read_text()
+    section = text.split("## When to overlap", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def test_the_worked_table_in_the_spec_holds_on_both_sides():
+    rows = _spec_table()
+    assert len(rows) == 6
+    for mode, tokens, decode, prefill, expected in rows:
+        counts = [0, 1, 1024, MAX_COUNT] if tokens == "any" else [int(tokens)]
+        thresholds = [(None, None), (1, 1)] if decode == "any" else [
+            (None if decode == "None" else int(decode), None if prefill == "None" else int(prefill))]
+        for count in counts:
+            for d, p in thresholds:
+                want = expected == "yes"
+                assert both(mode, count, min_decode_tokens=d, min_prefill_tokens=p) == (want, want)
