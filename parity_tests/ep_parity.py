@@ -225,8 +225,7 @@ def _world(spec, ref_cfg):
     return mp.build_world(spec, ref_cfg)
 
 
-def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, graphs_only=False
-                ) -> list:
+def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=None) -> list:
     """Plain and TBO forwards of every scenario against this rank's JAX spec."""
     import numpy as np
     import torch
@@ -239,6 +238,8 @@ def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, graphs
     rows = []
     device = model.embed.device
     for name, make in model_scenarios(world_size).items():
+        if only is not None and name not in only:
+            continue
         world = _world(make(rank), ref_cfg)
         spec_in = (mp.bf16_oracle_inputs(world, weights) if dtype_name == "bfloat16"
                    else (world, weights))
@@ -348,6 +349,8 @@ def worker_main(argv) -> int:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype",
                       flag_values=FLAGS)
     flags.DEFINE_bool("graphs", False, "also CUDA-graph replay (cuda only)", flag_values=FLAGS)
+    flags.DEFINE_list("scenarios", None, "model scenarios to run (default: all)",
+                      flag_values=FLAGS)
     flags.DEFINE_enum("fault", None, ["rotate_destinations"],
                       "negative tests only: plant a bug on rank 0 (its pairs go to the wrong "
                       "ranks); parity must then fail", flag_values=FLAGS)
@@ -385,7 +388,7 @@ def worker_main(argv) -> int:
     for transport, dispatcher in dispatchers.items():
         model = MoEModel(torch_cfg, weights, dtype=dtype, device=device, dispatcher=dispatcher)
         for row in check_model(model, ref_cfg, weights, dtype_name=FLAGS.dtype, rank=rank,
-                               world_size=world_size):
+                               world_size=world_size, only=FLAGS.scenarios):
             report["rows"].append(row | {"transport": transport})
         if FLAGS.graphs:
             for row in check_graphs(model, ref_cfg, weights, dtype_name=FLAGS.dtype,

@@ -18,12 +18,52 @@ def _cli(*args):
                           capture_output=True, text=True)
 
 
-def test_expert_parallel_rows_cover_layer_and_model_on_every_rank():
-    rows = list(cli.check_expert_parallel(2, "cpu"))
-    assert {row["mode"] for row in rows} == {"layer all_to_all", "model all_to_all"}
-    for row in rows:
-        assert row["mismatches"] == 0, row["failures"]
-        assert row["cases"] > 0 and row["worst"] <= 1e-5
+def _report(rank, rows):
+    return {"rank": rank, "world_size": 2, "rows": rows}
+
+
+def test_expert_parallel_rows_group_every_rank_and_count_failures(monkeypatch):
+    """One row per (check, transport) over all ranks: a row over the bound or with an unequal
+    expert load is a mismatch; the worst error is reported. (The launch itself and the real
+    checks are tested in parity_tests/test_expert_parallel.py.)"""
+    from parity_tests import ep_parity
+
+    good = {"check": "model", "name": "decode", "tbo": True, "transport": "all_to_all",
+            "error": 1e-6, "expert_load_equal": True}
+    reports = [_report(0, [good, {"check": "layer", "name": "uniform", "tokens": 4,
+                                  "transport": "all_to_all", "error": 2e-7},
+                           {"check": "layer-transports", "name": "uniform",
+                            "bitwise_equal": True}]),
+               _report(1, [good | {"error": 3e-5}, good | {"expert_load_equal": False,
+                                                          "name": "extend"}])]
+    seen = {}
+
+    def fake_launch(nproc, out_dir, args, *, timeout_s):
+        seen.update(nproc=nproc, args=args)
+        return reports
+
+    monkeypatch.setattr(ep_parity, "launch", fake_launch)
+    rows = {row["mode"]: row for row in cli.check_expert_parallel(2, "cpu")}
+    assert seen == {"nproc": 2, "args": []}
+    assert set(rows) == {"model all_to_all", "layer all_to_all"}
+    model = rows["model all_to_all"]
+    assert (model["cases"], model["mismatches"], model["worst"]) == (3, 2, 3e-5)
+    assert any("rank 1 decode tbo: error 3.00e-05" in line for line in model["failures"])
+    assert any("rank 1 extend" in line and "False" in line for line in model["failures"])
+    assert rows["layer all_to_all"]["mismatches"] == 0
+    list(cli.check_expert_parallel(2, "cuda"))
+    assert "--graphs" in seen["args"] and "--transports=all_to_all,copy_engine" in seen["args"]
+
+
+def test_a_launch_failure_is_a_failing_row(monkeypatch):
+    from parity_tests import ep_parity
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("rank 1 exited with 1\n--- rank 1 ---\nboom")
+
+    monkeypatch.setattr(ep_parity, "launch", failing)
+    (row,) = cli.check_expert_parallel(2, "cpu")
+    assert row["mismatches"] == 1 and "rank 1 exited with 1" in row["failures"][0]
 
 
 def test_a_failing_expert_parallel_row_fails_the_run(monkeypatch, capsys):

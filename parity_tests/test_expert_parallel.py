@@ -70,7 +70,8 @@ def test_model_on_every_rank_equals_spec(reports):
 def test_a_misrouted_exchange_is_caught(tmp_path):
     """Negative test: rank 0 sends each destination the block meant for the next rank. The
     layer and model checks must both see it."""
-    reps = ep_parity.launch(2, str(tmp_path), ["--fault=rotate_destinations"],
+    reps = ep_parity.launch(2, str(tmp_path), ["--fault=rotate_destinations",
+                                               "--scenarios=decode,extend"],
                             timeout_s=LAUNCH_TIMEOUT_S)
     layer = [row for _, row in _rows(reps, "layer") if row["tokens"]]
     model = [row for _, row in _rows(reps, "model") if row["mode"] != "IDLE"]
