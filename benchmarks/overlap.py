@@ -386,24 +386,13 @@ def exchanges_only(model, tokens: int, micro_batches: int, *, device, dtype, see
 
 
 def worker(F) -> dict:
-    import numpy as np
     import torch
     import torch.distributed as dist
 
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.cuda_graph_runner import CudaGraphRunner, GraphKey
-    from torch_impl.expert_parallel import agree_ep_step
+    from parity_tests.ep_parity import init_rank
+    from torch_impl.cuda_graph_runner import CudaGraphRunner
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if F.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    rank, world, device = init_rank(F.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(world, F.layers, F.tiny)
     tokens = sorted(int(t) for t in F.tokens)
@@ -659,6 +648,12 @@ def crossover(rows: list) -> dict:
     return out
 
 
+def _decode_line(r: dict) -> str:
+    return (f"| {r['transport']} | {r['tokens']} | {r['compute_ms']:.3f} | {r['comm_ms']:.3f} | "
+            f"{r['plain_ms']:.3f} | {r['tbo_ms']:.3f} | {r['hidden_fraction']:.2f} | "
+            f"{r['limit_ratio']:.2f} | {r['speedup']:.2f} |")
+
+
 def markdown(report: dict) -> str:
     env = report["env"]
     lines = [
@@ -677,11 +672,7 @@ def markdown(report: dict) -> str:
         "| TBO / max(compute, comm) | plain / TBO |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["decode"]:
-        lines.append(f"| {r['transport']} | {r['tokens']} | {r['compute_ms']:.3f} | "
-                     f"{r['comm_ms']:.3f} | {r['plain_ms']:.3f} | {r['tbo_ms']:.3f} | "
-                     f"{r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
-                     f"{r['speedup']:.2f} |")
+    lines += [_decode_line(r) for r in report["decode"]]
     if report["knobs"]:
         lines += ["", "## NCCL's SM trade (all_to_all)", "",
                   "| max_ctas | cuBLAS SM carve-out | tokens/rank | comm ms | TBO ms | hidden "
@@ -706,11 +697,7 @@ def markdown(report: dict) -> str:
                   "compute (across hosts).", "",
                   "| transport | tokens/rank | compute ms | comm ms | plain ms | TBO ms | hidden "
                   "fraction | TBO / max | plain / TBO |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["emulated"]:
-            lines.append(f"| {r['transport']} | {r['tokens']} | {r['compute_ms']:.3f} | "
-                         f"{r['comm_ms']:.3f} | {r['plain_ms']:.3f} | {r['tbo_ms']:.3f} | "
-                         f"{r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
-                         f"{r['speedup']:.2f} |")
+        lines += [_decode_line(r) for r in report["emulated"]]
     lines += ["", "## Crossover and bit-identity", "",
               f"- TBO wins from (tokens per rank, decode): {report['crossover']}",
               f"- Logits bit for bit equal across transports, per token count: "

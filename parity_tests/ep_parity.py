@@ -175,7 +175,6 @@ def _relative(x, y) -> float:
 
 def check_layer(dispatchers: dict, cfg, weights, *, device, dtype, rank, world_size) -> list:
     """The EP exchange + local experts of every crafted routing against LocalDispatcher."""
-    import numpy as np
     import torch
 
     from torch_impl import moe
@@ -228,7 +227,6 @@ def _world(spec, ref_cfg):
 def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=None) -> list:
     """Plain and TBO forwards of every scenario against this rank's JAX spec."""
     import numpy as np
-    import torch
 
     from parity_tests import model_parity as mp
     from torch_impl.attention import TboAttnBackend
@@ -356,23 +354,13 @@ def worker_main(argv) -> int:
                       "ranks); parity must then fail", flag_values=FLAGS)
     FLAGS(argv)
 
-    import numpy as np
     import torch
-    import torch.distributed as dist
 
     from parity_tests import model_parity as mp
     from torch_impl.expert_parallel import ExpertParallelDispatcher
     from torch_impl.model import MoEModel
 
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if FLAGS.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    rank, world_size, device = init_rank(FLAGS.device)
     started = time.time()
     dtype = mp.TORCH_DTYPES[FLAGS.dtype]
     ref_cfg, torch_cfg, weights, _ = mp.make_models(0)
@@ -399,6 +387,23 @@ def worker_main(argv) -> int:
         json.dump(report, f, indent=1)
     shutdown(device)
     return 0
+
+
+def init_rank(device_type: str) -> tuple:
+    """``(rank, world_size, device)`` of this process, its process group initialised from the
+    environment torchrun (or ``launch``) sets: NCCL on its own GPU for "cuda", gloo for "cpu"."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, device
 
 
 def shutdown(device) -> None:

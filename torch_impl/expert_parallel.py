@@ -409,7 +409,7 @@ class ExpertParallelDispatcher:
                         keep=(send,))
 
     def dispatch_wait(self, handle: EPHandle) -> EPHandle:
-        n, l, h, c = self.world_size, self.local_experts, self.hidden_size, handle.capacity
+        c = handle.capacity
         send = handle.keep[0]
         bufs = self._bufs[handle.micro_batch]
         if self.comm_stream is None:
