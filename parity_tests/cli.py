@@ -81,11 +81,15 @@ COMMANDS = {
                ("max_seqs", "max_len", "max_bs", "max_draft", "max_graph_bs", "workers")),
     "timeline": ("Record one TBO decode step on N ranks and draw its timeline (a PNG).",
                  ("nproc", "device", "tokens", "transport", "out")),
+    # its own flags (parity_tests/upstream.py), listed in the help from there
+    "upstream": ("Check SGLang releases' split functions against the spec (docs/upstream.md).",
+                 ()),
 }
 EXAMPLES = ("tbo-parity run", "tbo-parity run --nomodel --cases_per_mode=5000",
             "tbo-parity run --device=cuda --dtype=bfloat16", "tbo-parity verify",
             "tbo-parity verify --max_seqs=6 --max_len=8", "tbo-parity run --nproc=4",
-            "tbo-parity timeline --nproc=2 --device=cuda --out=docs/timeline.png")
+            "tbo-parity timeline --nproc=2 --device=cuda --out=docs/timeline.png",
+            "tbo-parity upstream --sglang_version=0.5.23 --sglang_version=0.4.7")
 HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull", "-?", "help")
 MODEL_BOUNDS = {"float32": "1e-5", "bfloat16": "2e-2"}  # model_parity.BOUNDS, as printed
 BOUNDS_TEXT = ", ".join(f"{dtype} {bound}" for dtype, bound in MODEL_BOUNDS.items())
@@ -105,8 +109,16 @@ def help_text() -> str:
              "spec.", "", f"usage: tbo-parity {{{'|'.join(COMMANDS)}}} [flags]", "", "commands:"]
     for name, (summary, _) in COMMANDS.items():
         lines.append(f"  {name:<8} {summary}")
+    from parity_tests import upstream  # light: its heavy imports are deferred
+
     for name, (_, names) in COMMANDS.items():
         lines += ["", f"flags of {name}:"]
+        if name == "upstream":
+            for flag in upstream.FLAGS.flags_by_module_dict()[upstream.__name__]:
+                shown = f"--{flag.name}"
+                help_ = flag.help.split(";\n", 1)[0]  # without absl's "repeat this option"
+                lines.append(f"  {shown:<18} {help_} (default: {flag.default})")
+            continue
         for flag_name in names:
             flag = FLAGS[flag_name]
             shown = f"--[no]{flag_name}" if flag_name == "model" else f"--{flag_name}"
@@ -455,6 +467,10 @@ def _main(argv: list) -> int:
     if any(arg in HELP_ARGS for arg in argv[1:]):
         _print(help_text())
         return 0
+    if len(argv) > 1 and argv[1] == "upstream":  # a command with its own flags
+        from parity_tests import upstream
+
+        return upstream.main([f"{argv[0]} upstream", *argv[2:]])
     try:
         command = parse(argv)
         if (command == "timeline" or FLAGS.model) and FLAGS.device == "cuda":

@@ -117,3 +117,12 @@ def test_bad_usage_is_one_line_and_exit_two(args, words):
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_upstream_is_dispatched_with_its_own_flags():
+    """`tbo-parity upstream` runs parity_tests/upstream.py's command: its own usage errors
+    (the command itself is tested in parity_tests/test_upstream.py)."""
+    result = _cli("upstream")
+    assert result.returncode == 2 and "--sglang_version" in result.stderr
+    result = _cli("upstream", "--nproc=2")
+    assert result.returncode == 2 and "nproc" in result.stderr

@@ -32,6 +32,13 @@ import jax.numpy as jnp
 
 DEFAULT_THRESHOLD = 0.48
 
+# How EXTEND picks its split (docs/spec.md, "EXTEND split rules"): the options, and the default.
+# "balanced": the balanced split only (never two-chunk); "two_chunk": the balanced split, or
+# two-chunk when it is lopsided beyond the threshold; "guarded_two_chunk": as "two_chunk", but
+# two-chunk is refused when child A would hold more sequences than total // 2 tokens.
+EXTEND_SPLITS = ("balanced", "two_chunk", "guarded_two_chunk")
+DEFAULT_EXTEND_SPLIT = "two_chunk"
+
 
 class ForwardMode(enum.Enum):
     """What a forward pass does. Only the first four take part in two-batch overlap."""
@@ -85,14 +92,25 @@ def balanced_split_index(extend_lens: jax.Array, num_seqs: jax.Array) -> jax.Arr
     return best_index
 
 
-def is_two_chunk(extend_lens: jax.Array, num_seqs: jax.Array, threshold) -> jax.Array:
-    """Whether the balanced split is too lopsided, so the straddling sequence is cut in two."""
+def is_two_chunk(extend_lens: jax.Array, num_seqs: jax.Array, threshold,
+                 extend_split: str = DEFAULT_EXTEND_SPLIT) -> jax.Array:
+    """Whether the straddling sequence is cut in two: the balanced split is too lopsided (and,
+    under "guarded_two_chunk", child A would hold no more sequences than tokens). Never under
+    "balanced". ``extend_split`` is static (a Python str: pass it as a static argument to jit).
+    """
+    _check_extend_split(extend_split)
     total = jnp.sum(extend_lens)
     balanced = balanced_split_index(extend_lens, num_seqs)
     left = jnp.sum(jnp.where(jnp.arange(extend_lens.shape[0]) < balanced, extend_lens, 0))
     lo = total * threshold
     hi = total * (1 - threshold)
-    return (left < lo) | (left > hi)
+    lopsided = (left < lo) | (left > hi)
+    if extend_split == "balanced":
+        return jnp.zeros_like(lopsided)
+    if extend_split == "guarded_two_chunk":
+        # Child A would hold sequences [0, straddling + 1) and total // 2 tokens.
+        return lopsided & (straddling_seq_index(extend_lens) + 1 <= total // 2)
+    return lopsided
 
 
 def straddling_seq_index(extend_lens: jax.Array) -> jax.Array:
@@ -102,9 +120,10 @@ def straddling_seq_index(extend_lens: jax.Array) -> jax.Array:
     return jnp.searchsorted(jnp.cumsum(extend_lens), half, side="right")
 
 
-def extend_split_indices(extend_lens, num_seqs, threshold):
-    """EXTEND: (split_seq_index, split_token_index, two_chunk) for a padded batch."""
-    two_chunk = is_two_chunk(extend_lens, num_seqs, threshold)
+def extend_split_indices(extend_lens, num_seqs, threshold, extend_split=DEFAULT_EXTEND_SPLIT):
+    """EXTEND: (split_seq_index, split_token_index, two_chunk) for a padded batch, under the
+    rule ``extend_split`` (static)."""
+    two_chunk = is_two_chunk(extend_lens, num_seqs, threshold, extend_split)
     balanced = balanced_split_index(extend_lens, num_seqs)
     split_seq = jnp.where(two_chunk, straddling_seq_index(extend_lens), balanced)
     before = jnp.sum(jnp.where(jnp.arange(extend_lens.shape[0]) < split_seq, extend_lens, 0))
@@ -156,15 +175,18 @@ def _exclusive_cumsum(x):
     return jnp.cumsum(x) - x
 
 
-def derive_extend_children(seq_lens, extend_lens, prefix_lens, num_seqs, threshold):
-    """EXTEND children, with the two-chunk re-derivation of the straddling sequence.
+def derive_extend_children(seq_lens, extend_lens, prefix_lens, num_seqs, threshold,
+                           extend_split=DEFAULT_EXTEND_SPLIT):
+    """EXTEND children, with the two-chunk re-derivation of the straddling sequence, under the
+    rule ``extend_split`` (static).
 
     With s = split_seq, half = total // 2, left_last = half - sum(extend_lens[:s]):
     A holds sequences [0, s+1) when two-chunk (else [0, s)) and its last sequence keeps
     only left_last new tokens; B holds [s, num_seqs) and its first sequence starts
     left_last tokens later (prefix += left_last) with seq_len unchanged.
     """
-    split_seq, split_token, two_chunk = extend_split_indices(extend_lens, num_seqs, threshold)
+    split_seq, split_token, two_chunk = extend_split_indices(extend_lens, num_seqs, threshold,
+                                                             extend_split)
     total = jnp.sum(extend_lens)
     left_last = split_token - jnp.sum(
         jnp.where(jnp.arange(extend_lens.shape[0]) < split_seq, extend_lens, 0))
@@ -368,6 +390,14 @@ def _check_threshold(threshold) -> float:
     return value
 
 
+def _check_extend_split(extend_split) -> str:
+    """One of EXTEND_SPLITS (a str; checked in the pure functions too, where it is static)."""
+    if not (isinstance(extend_split, str) and extend_split in EXTEND_SPLITS):
+        raise ValueError(f"extend_split must be one of {EXTEND_SPLITS}, "
+                         f"got {_describe(extend_split)}")
+    return extend_split
+
+
 def _check_extend_lens(extend_lens) -> list:
     lens = _check_lens("extend_lens", extend_lens, minimum=1)
     if not lens:
@@ -411,9 +441,9 @@ def _padded(values, size=None):
     return jnp.asarray(list(values) + [0] * (size - len(values)), dtype=jnp.int64)
 
 
-_extend_split_jit = jax.jit(extend_split_indices)
-_is_two_chunk_jit = jax.jit(is_two_chunk)
-_derive_extend_jit = jax.jit(derive_extend_children)
+_extend_split_jit = jax.jit(extend_split_indices, static_argnames="extend_split")
+_is_two_chunk_jit = jax.jit(is_two_chunk, static_argnames="extend_split")
+_derive_extend_jit = jax.jit(derive_extend_children, static_argnames="extend_split")
 _derive_uniform_jit = jax.jit(derive_uniform_children)
 
 
@@ -431,10 +461,12 @@ def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
 
 
 def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per_seq,
-                            threshold=DEFAULT_THRESHOLD) -> int:
-    """Where child B's sequences start."""
+                            threshold=DEFAULT_THRESHOLD,
+                            extend_split=DEFAULT_EXTEND_SPLIT) -> int:
+    """Where child B's sequences start (EXTEND under the rule ``extend_split``)."""
     mode = _check_mode(forward_mode)
     threshold = _check_threshold(threshold)
+    extend_split = _check_extend_split(extend_split)
     num_tokens = _check_count("num_tokens", num_tokens)
     if mode is ForwardMode.EXTEND:
         lens = _check_extend_lens(extend_lens)
@@ -443,7 +475,8 @@ def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per
         if num_tokens != sum(lens):
             raise ValueError(f"num_tokens={num_tokens} != sum(extend_lens)={sum(lens)}")
         with jax.enable_x64(True):
-            split_seq, _, _ = _extend_split_jit(_padded(lens), len(lens), threshold)
+            split_seq, _, _ = _extend_split_jit(_padded(lens), len(lens), threshold,
+                                                extend_split=extend_split)
             return int(split_seq)
     if mode is ForwardMode.IDLE:
         _check_idle(extend_lens, token_num_per_seq)
@@ -457,10 +490,12 @@ def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per
 
 
 def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_num_per_seq,
-                              threshold=DEFAULT_THRESHOLD) -> int:
-    """Where child B's tokens start."""
+                              threshold=DEFAULT_THRESHOLD,
+                              extend_split=DEFAULT_EXTEND_SPLIT) -> int:
+    """Where child B's tokens start (EXTEND under the rule ``extend_split``)."""
     mode = _check_mode(forward_mode)
     threshold = _check_threshold(threshold)
+    extend_split = _check_extend_split(extend_split)
     split_seq_index = _check_count("split_seq_index", split_seq_index)
     if mode is ForwardMode.EXTEND:
         lens = _check_extend_lens(extend_lens)
@@ -471,9 +506,11 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
                              f"{len(lens)}")
         with jax.enable_x64(True):
             padded = _padded(lens)
-            if bool(_is_two_chunk_jit(padded, len(lens), threshold)):
+            if bool(_is_two_chunk_jit(padded, len(lens), threshold, extend_split=extend_split)):
                 return int(jnp.sum(padded) // 2)
-            return int(jnp.sum(padded[:split_seq_index]))
+            # A mask, not padded[:split_seq_index]: one compiled shape for every index.
+            before = jnp.arange(padded.shape[0]) < split_seq_index
+            return int(jnp.sum(jnp.where(before, padded, 0)))
     if mode is ForwardMode.IDLE:
         _check_idle(extend_lens, token_num_per_seq)
         if split_seq_index != 0:
@@ -567,10 +604,13 @@ def _check_extend_batch(seq_lens, extend_lens, extend_prefix_lens):
 
 
 def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens=None,
-                    token_num_per_seq=None, threshold=DEFAULT_THRESHOLD) -> tuple:
-    """The two children (A, B) of a batch, per the rules of docs/spec.md, "Children"."""
+                    token_num_per_seq=None, threshold=DEFAULT_THRESHOLD,
+                    extend_split=DEFAULT_EXTEND_SPLIT) -> tuple:
+    """The two children (A, B) of a batch, per the rules of docs/spec.md, "Children" (EXTEND
+    under the rule ``extend_split``)."""
     mode = _check_mode(forward_mode)
     threshold = _check_threshold(threshold)
+    extend_split = _check_extend_split(extend_split)
     seq_lens = _check_lens("seq_lens", seq_lens, minimum=1)
     if mode is ForwardMode.EXTEND:
         if token_num_per_seq is not None:
@@ -579,7 +619,8 @@ def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens
         size = _bucket(len(lens))
         with jax.enable_x64(True):
             a, b = _derive_extend_jit(_padded(seq_lens, size), _padded(lens, size),
-                                      _padded(prefix, size), len(lens), threshold)
+                                      _padded(prefix, size), len(lens), threshold,
+                                      extend_split=extend_split)
             return _to_child(a, True), _to_child(b, True)
     if extend_prefix_lens is not None:
         raise ValueError(f"extend_prefix_lens must be None in {mode.name}")

@@ -26,6 +26,10 @@ from typing import Optional
 
 from torch_impl.forward_mode import TBO_MODES, ForwardMode
 
+# How EXTEND picks its split (docs/spec.md, "EXTEND split rules"): the options, and the default.
+EXTEND_SPLITS = ("balanced", "two_chunk", "guarded_two_chunk")
+DEFAULT_EXTEND_SPLIT = "two_chunk"
+
 # The largest count the spec covers (int32): every count and length, and every sum of token
 # counts, must be <= MAX_COUNT. The JAX spec computes in fixed-width integers, so past it the
 # two sides would silently disagree; both reject such input instead.
@@ -160,6 +164,14 @@ def check_threshold(threshold) -> float:
     if not 0 < value <= 0.5:
         raise ValueError(f"threshold must be in (0, 0.5], got {value!r}")
     return value
+
+
+def check_extend_split(extend_split) -> str:
+    """One of EXTEND_SPLITS: which EXTEND rule to apply."""
+    if not (isinstance(extend_split, str) and extend_split in EXTEND_SPLITS):
+        raise ValueError(f"extend_split must be one of {EXTEND_SPLITS}, "
+                         f"got {describe(extend_split)}")
+    return extend_split
 
 
 def check_extend_lens(extend_lens) -> list:

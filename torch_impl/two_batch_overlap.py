@@ -16,12 +16,13 @@ import torch
 from torch_impl import split_rules as rules
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.forward_mode import TBO_MODES, ForwardMode  # noqa: F401 (TBO_MODES re-exported)
-from torch_impl.split_rules import MAX_COUNT
+from torch_impl.split_rules import DEFAULT_EXTEND_SPLIT, EXTEND_SPLITS, MAX_COUNT
 
 DEFAULT_THRESHOLD = 0.48
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "MAX_COUNT", "ForwardMode", "TboChild", "token_num_per_seq",
+    "DEFAULT_THRESHOLD", "DEFAULT_EXTEND_SPLIT", "EXTEND_SPLITS", "MAX_COUNT", "ForwardMode",
+    "TboChild", "token_num_per_seq",
     "compute_split_seq_index", "compute_split_token_index",
     "compute_split_indices_for_cuda_graph_replay", "compute_children_num_token_non_padded",
     "derive_children", "compute_dp_tbo_decision", "TboCudaGraphRunnerPlugin",
@@ -46,10 +47,18 @@ def _balanced_split(lens: list) -> int:
     return best_index
 
 
-def _two_chunk(lens: list, threshold: float) -> bool:
+def _two_chunk(lens: list, threshold: float, extend_split: str = DEFAULT_EXTEND_SPLIT) -> bool:
+    """Whether the straddling sequence is cut in two under the rule ``extend_split``."""
+    if extend_split == "balanced":
+        return False
     total = sum(lens)
     left = sum(lens[:_balanced_split(lens)])
-    return left < total * threshold or left > total * (1 - threshold)
+    lopsided = left < total * threshold or left > total * (1 - threshold)
+    if lopsided and extend_split == "guarded_two_chunk":
+        # Refused when child A (sequences [0, straddling + 1)) would hold more sequences than
+        # its total // 2 tokens.
+        return _straddling_seq(lens) + 1 <= total // 2
+    return lopsided
 
 
 def _straddling_seq(lens: list) -> int:
@@ -62,9 +71,9 @@ def _straddling_seq(lens: list) -> int:
     return i
 
 
-def _extend_split(lens: list, threshold: float) -> tuple:
+def _extend_split(lens: list, threshold: float, extend_split: str = DEFAULT_EXTEND_SPLIT) -> tuple:
     """(split_seq_index, split_token_index, two_chunk) of an EXTEND batch."""
-    if _two_chunk(lens, threshold):
+    if _two_chunk(lens, threshold, extend_split):
         return _straddling_seq(lens), sum(lens) // 2, True
     split_seq = _balanced_split(lens)
     return split_seq, sum(lens[:split_seq]), False
@@ -90,17 +99,19 @@ def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
 
 
 def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per_seq,
-                            threshold=DEFAULT_THRESHOLD) -> int:
-    """Where child B's sequences start."""
+                            threshold=DEFAULT_THRESHOLD,
+                            extend_split=DEFAULT_EXTEND_SPLIT) -> int:
+    """Where child B's sequences start (EXTEND under the rule ``extend_split``)."""
     mode = rules.check_mode(forward_mode)
     threshold = rules.check_threshold(threshold)
+    extend_split = rules.check_extend_split(extend_split)
     num_tokens = rules.check_count("num_tokens", num_tokens)
     if mode.is_extend():
         lens = rules.check_extend_lens(extend_lens)
         rules.check_no_token_num_per_seq(token_num_per_seq)
         if num_tokens != sum(lens):
             raise ValueError(f"num_tokens={num_tokens} != sum(extend_lens)={sum(lens)}")
-        return _extend_split(lens, threshold)[0]
+        return _extend_split(lens, threshold, extend_split)[0]
     if mode.is_idle():
         rules.check_idle(extend_lens, token_num_per_seq)
         if num_tokens != 0:
@@ -112,10 +123,12 @@ def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per
 
 
 def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_num_per_seq,
-                              threshold=DEFAULT_THRESHOLD) -> int:
-    """Where child B's tokens start."""
+                              threshold=DEFAULT_THRESHOLD,
+                              extend_split=DEFAULT_EXTEND_SPLIT) -> int:
+    """Where child B's tokens start (EXTEND under the rule ``extend_split``)."""
     mode = rules.check_mode(forward_mode)
     threshold = rules.check_threshold(threshold)
+    extend_split = rules.check_extend_split(extend_split)
     split_seq_index = rules.check_count("split_seq_index", split_seq_index)
     if mode.is_extend():
         lens = rules.check_extend_lens(extend_lens)
@@ -123,7 +136,7 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
         if split_seq_index > len(lens):
             raise ValueError(f"split_seq_index={split_seq_index} > number of sequences "
                              f"{len(lens)}")
-        if _two_chunk(lens, threshold):
+        if _two_chunk(lens, threshold, extend_split):
             return sum(lens) // 2
         return sum(lens[:split_seq_index])
     if mode.is_idle():
@@ -198,8 +211,9 @@ def _extend_child(seq_range, token_range, seq_lens, extend_lens, prefix_lens) ->
                     tuple(prefix_lens), _start_locs(extend_lens), sum(extend_lens))
 
 
-def _extend_children(seq_lens, lens, prefix, threshold) -> tuple:
-    split_seq, split_token, two_chunk = _extend_split(lens, threshold)
+def _extend_children(seq_lens, lens, prefix, threshold,
+                     extend_split: str = DEFAULT_EXTEND_SPLIT) -> tuple:
+    split_seq, split_token, two_chunk = _extend_split(lens, threshold, extend_split)
     bs, total = len(lens), sum(lens)
     if not two_chunk:
         a = _extend_child((0, split_seq), (0, split_token), seq_lens[:split_seq],
@@ -222,15 +236,18 @@ def _extend_children(seq_lens, lens, prefix, threshold) -> tuple:
 
 
 def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens=None,
-                    token_num_per_seq=None, threshold=DEFAULT_THRESHOLD) -> tuple:
-    """The two children (A, B) of a batch with these per-sequence lengths."""
+                    token_num_per_seq=None, threshold=DEFAULT_THRESHOLD,
+                    extend_split=DEFAULT_EXTEND_SPLIT) -> tuple:
+    """The two children (A, B) of a batch with these per-sequence lengths (EXTEND under the
+    rule ``extend_split``)."""
     mode = rules.check_mode(forward_mode)
     threshold = rules.check_threshold(threshold)
+    extend_split = rules.check_extend_split(extend_split)
     seq_lens = rules.check_lens("seq_lens", seq_lens, 1)
     if mode.is_extend():
         rules.check_no_token_num_per_seq(token_num_per_seq)
         lens, prefix = rules.check_extend_batch(seq_lens, extend_lens, extend_prefix_lens)
-        return _extend_children(seq_lens, lens, prefix, threshold)
+        return _extend_children(seq_lens, lens, prefix, threshold, extend_split)
     if extend_prefix_lens is not None:
         raise ValueError(f"extend_prefix_lens must be None in {mode.name}")
     if mode.is_idle():
