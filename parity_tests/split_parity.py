@@ -113,11 +113,15 @@ def side_results(side, case: SplitCase) -> dict:
     return results
 
 
-def split_mismatches(case: SplitCase) -> list:
-    """Names and values of every result on which spec and implementation differ."""
-    ours, theirs = side_results(spec, case), side_results(impl, case)
+def result_mismatches(ours: dict, theirs: dict) -> list:
+    """Names and values of every result (of ``side_results``) on which two sides differ."""
     return [f"{key}: spec={ours[key]!r} impl={theirs[key]!r}"
             for key in ours if ours[key] != theirs[key]]
+
+
+def split_mismatches(case: SplitCase) -> list:
+    """Names and values of every result on which spec and implementation differ."""
+    return result_mismatches(side_results(spec, case), side_results(impl, case))
 
 
 # --- a ForwardBatch for a case, to check TboForwardBatchPreparer against derive_children ----
@@ -235,11 +239,13 @@ def child_mismatches(parent: ForwardBatch, child: ForwardBatch, want: dict,
     return wrong
 
 
-def preparer_mismatches(case: SplitCase) -> list:
-    """What TboForwardBatchPreparer's children get wrong against the spec (empty if nothing)."""
+def preparer_mismatches(case: SplitCase, spec_results: Optional[dict] = None) -> list:
+    """What TboForwardBatchPreparer's children get wrong against the spec (empty if nothing).
+    ``spec_results``: ``side_results(spec, case)`` when the caller has it already."""
     parent = make_forward_batch(case)
     prepared = TboForwardBatchPreparer(threshold=case.threshold).prepare(parent)
-    results = side_results(spec, case)  # the JAX spec is the oracle
+    # the JAX spec is the oracle
+    results = side_results(spec, case) if spec_results is None else spec_results
     wrong = []
     if prepared.tbo_split_seq_index != results["split_seq_index"]:
         wrong.append("parent.tbo_split_seq_index")

@@ -12,16 +12,19 @@ from parity_tests.split_parity import SplitCase
 from torch_impl import two_batch_overlap as impl
 
 
-def test_run_prints_the_table_and_exits_zero():
-    result = subprocess.run([sys.executable, "-m", "parity_tests.cli", "run",
-                             "--cases_per_mode=20"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    for mode in ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"):
-        assert f"split {mode}" in result.stdout
-    assert "OK" in result.stdout
-    # CUDA-graph rows need a GPU: on a CPU the run says in one line that it skipped them.
-    skipped = [line for line in result.stdout.splitlines() if "graph replay parity" in line]
-    assert len(skipped) == 1 and "skipped" in skipped[0], result.stdout
+@pytest.fixture(scope="module", autouse=True)
+def run_process():
+    """`tbo-parity run --cases_per_mode=20`, a process of its own started before this module's
+    first test: its model rows (a JAX compile per scenario, most of its ~15 s) run on a second
+    core beside the module's other tests. test_run_prints_the_table_and_exits_zero, the
+    module's last test, reads it."""
+    process = subprocess.Popen([sys.executable, "-m", "parity_tests.cli", "run",
+                                "--cases_per_mode=20"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    yield process
+    if process.poll() is None:  # its test was deselected, or failed before reading it
+        process.kill()
+    process.communicate()
 
 
 def test_run_fails_on_a_planted_bug_and_prints_the_case(monkeypatch, capsys):
@@ -119,3 +122,14 @@ def test_a_failing_model_row_names_the_comparison_and_prints_a_reproducer(monkey
     assert any(line.strip().startswith("tbo_vs_plain hidden:") and "> bound" in line
                for line in report[2:])
     assert "model float32 two-chunk" in out and "FAIL" in out
+
+
+def test_run_prints_the_table_and_exits_zero(run_process):
+    stdout, stderr = run_process.communicate(timeout=600)
+    assert run_process.returncode == 0, stderr
+    for mode in ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"):
+        assert f"split {mode}" in stdout
+    assert "OK" in stdout
+    # CUDA-graph rows need a GPU: on a CPU the run says in one line that it skipped them.
+    skipped = [line for line in stdout.splitlines() if "graph replay parity" in line]
+    assert len(skipped) == 1 and "skipped" in skipped[0], stdout

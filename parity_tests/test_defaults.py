@@ -126,7 +126,7 @@ def results_with_defaults(side, case: SplitCase, **threshold) -> dict:
 
 
 @settings(max_examples=500)  # the default-threshold question, not the split rules (those run
-# 2,000 examples per mode in test_split_parity.py and exhaustively in test_verify.py)
+# 1,000 to 2,000 examples per mode in test_split_parity.py and exhaustively in test_verify.py)
 @given(data=st.data())
 def test_the_split_functions_agree_when_called_without_a_threshold(data):
     case = data.draw(st.one_of(near_the_default_threshold(), cases_for("EXTEND"),
