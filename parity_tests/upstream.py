@@ -436,15 +436,7 @@ def load_release(source: Source) -> Release:
             found[role.name] = qualname
 
     # The lifted set: the found roles and everything of the module they use, transitively.
-    lifted, todo = set(), list(found.values())
-    while todo:
-        qualname = todo.pop()
-        if qualname in lifted:
-            continue
-        lifted.add(qualname)
-        owner, _, name = qualname.rpartition(".")
-        node = classes[owner][name] if owner else functions[name]
-        todo += _references(node, owner or None, functions, classes) - lifted
+    lifted = set().union(*(_closure(q, functions, classes) for q in found.values()))
 
     body = []
     for node in tree.body:
