@@ -59,9 +59,13 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
     port = free_port()
     procs, logs = [], []
     for rank in range(nproc):
-        rank_env = dict(os.environ, **(env or {}), RANK=str(rank), LOCAL_RANK=str(rank),
-                        WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+        # one host's cores shared by the ranks (torch's CPU kernels would each take them all)
+        rank_env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+        rank_env.update(os.environ)
+        rank_env.update(env or {})
+        rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
         log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
         logs.append(log)
         procs.append(subprocess.Popen(

@@ -23,7 +23,7 @@ def _routing(rng, tokens, num_experts, top_k, padding):
     return ids
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)  # 3 rank counts x small shapes: 30 draws span them
 @given(ranks=st.sampled_from([1, 2, 4]), local=st.integers(1, 3), tokens=st.integers(1, 6),
        extra=st.integers(0, 3), top_k=st.integers(1, 4), padding=st.integers(0, 6),
        seed=st.integers(0, 2**16))
