@@ -41,7 +41,7 @@ import torch
 from torch_impl import replay_plan
 from torch_impl.attention import TboAttnBackend
 from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.expert_parallel import EPStep
+from torch_impl.expert_parallel import EPStep, micro_batch_rows
 from torch_impl.forward_batch import ForwardBatch, VerifyInput
 from torch_impl.forward_mode import ForwardMode
 from torch_impl.kv_cache import KVPool
@@ -247,11 +247,8 @@ class CudaGraphRunner:
         (all ranks replay the same graph, so the capacity is the larger micro-batch's rows)."""
         if not self.model.expert_parallel:
             return None
-        if batch.tbo_children is None:
-            return EPStep(batch.num_tokens, 1, "decode")
-        rows = max(end - start for start, end in
-                   (c.tbo_parent_token_range for c in batch.tbo_children))
-        return EPStep(rows, 2, "decode")
+        return EPStep(micro_batch_rows(batch), 1 if batch.tbo_children is None else 2,
+                      "decode")
 
     @torch.no_grad()
     def capture(self) -> None:

@@ -453,6 +453,17 @@ class ExpertParallelDispatcher:
 
 # --- agreeing on a step ----------------------------------------------------------------------
 
+
+def micro_batch_rows(batch) -> int:
+    """The token rows of the batch's largest micro-batch: a child's under TBO, else the
+    batch's own (0 for an idle batch): what one exchange of this rank must fit."""
+    if batch.forward_mode.is_idle() or batch.num_tokens == 0:
+        return 0
+    if batch.tbo_children is None:
+        return batch.num_tokens
+    return max(end - start for start, end in (c.tbo_parent_token_range
+                                              for c in batch.tbo_children))
+
 _STRATEGY_CODES = {"prefill": 1, "decode": 2}
 
 
@@ -466,15 +477,11 @@ def agree_ep_step(batch, *, micro_batches: int, group=None) -> EPStep:
     (an idle rank follows it). Every rank sees the same reduced numbers, so a disagreement
     raises the same ValueError on all of them instead of leaving some waiting.
     """
-    idle = batch.forward_mode.is_idle() or batch.num_tokens == 0
-    if idle:
-        rows, code_max, code_min = 1, 0, 3
+    rows = max(1, micro_batch_rows(batch))
+    if batch.forward_mode.is_idle() or batch.num_tokens == 0:
+        code_max, code_min = 0, 3
     else:
-        ranges = ([c.tbo_parent_token_range for c in batch.tbo_children]
-                  if batch.tbo_children is not None else [(0, batch.num_tokens)])
-        rows = max(1, max(end - start for start, end in ranges))
-        code = _STRATEGY_CODES[strategy_for(batch.forward_mode)]
-        code_max, code_min = code, code
+        code_max = code_min = _STRATEGY_CODES[strategy_for(batch.forward_mode)]
     device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     local = torch.tensor([rows, code_max, -code_min], dtype=torch.int64, device=device)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)

@@ -23,7 +23,7 @@ from torch_impl import moe
 from torch_impl.config import ModelConfig, check_weights
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.forward_mode import strategy_for  # noqa: F401 (re-exported)
-from torch_impl.expert_parallel import EPStep
+from torch_impl.expert_parallel import EPStep, micro_batch_rows
 from torch_impl.operations import (State, YieldOperation, execute_operations,
                                    execute_overlapped_operations)
 from torch_impl.overlap import idle_state, model_forward_maybe_tbo
@@ -225,10 +225,7 @@ class MoEModel(nn.Module):
             if (batch.tbo_children is not None) != (ep_step.micro_batches == 2):
                 raise ValueError(f"ep_step.micro_batches is {ep_step.micro_batches} but the "
                                  f"batch is {'' if batch.tbo_children else 'not '}split")
-        ranges = ([c.tbo_parent_token_range for c in batch.tbo_children]
-                  if batch.tbo_children and not idle else [(0, batch.num_tokens)])
-        self.dispatcher.check_capacity(ep_step.capacity,
-                                       max(end - start for start, end in ranges))
+        self.dispatcher.check_capacity(ep_step.capacity, micro_batch_rows(batch))
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, attn_backend, *, profile: bool = False,

@@ -53,7 +53,8 @@ def model_forward_maybe_tbo(operations, delta_stages: int, batch: ForwardBatch,
     runs as a micro-batch; when both are non-empty they overlap with ``delta_stages``.
     ``empty_operations`` (expert parallelism over several ranks): an empty child is not
     skipped but runs these operations (its part in the exchanges) as an empty micro-batch,
-    so every rank runs the same exchanges in the same order.
+    so every rank runs the same exchanges in the same order; ``ep_capacity`` (the step's,
+    equal on all ranks) is then required.
     """
     if batch.tbo_children is None:
         backend = attn_backend.primary if isinstance(attn_backend, TboAttnBackend) \
@@ -72,8 +73,7 @@ def model_forward_maybe_tbo(operations, delta_stages: int, batch: ForwardBatch,
             ops.append(operations)
         elif empty_operations is not None:
             states.append(idle_state(hidden_states.shape[1], hidden_states.dtype,
-                                     hidden_states.device, index,
-                                     1 if ep_capacity is None else ep_capacity))
+                                     hidden_states.device, index, ep_capacity))
             ops.append(empty_operations)
         # else: an empty child is skipped
     if len(states) == 1:
