@@ -18,7 +18,8 @@ Checks on every rank (each a row of the JSON):
   that receives nothing, padding rows, a rank with no tokens) against ``LocalDispatcher`` with
   every expert on one device; with several transports, their outputs bit for bit;
 - ``model``: the MoE model, plain and with TBO, in DECODE, TARGET_VERIFY and EXTEND, with an
-  idle rank, a rank whose child B is empty and a padded batch, against the JAX spec;
+  idle rank, a rank whose child A is empty, every rank idle at once, every rank's child A
+  empty at once and a padded batch, against the JAX spec;
 - ``graph`` (CUDA only): the same model captured in CUDA graphs per batch size, plain and TBO,
   every rank replaying the graph that fits the largest rank's batch.
 """
@@ -132,15 +133,26 @@ def model_scenarios(world_size: int) -> dict:
     def idle_rank(r):  # the last rank has nothing to run but still hosts experts
         return ModelCase("IDLE", ()) if r == world_size - 1 else decode(r)
 
-    def one_sequence(r):  # rank 0's child B is empty under TBO
+    def one_sequence(r):  # rank 0's child A is empty under TBO (one sequence: A gets bs // 2)
         return ModelCase("DECODE", (7,), seed=50) if r == 0 else decode(r)
 
     def padded(r):
         return ("padded", ModelCase("DECODE", tuple(5 + i for i in range(2 + r)), seed=60 + r),
                 1 + r)
 
+    def all_idle(r):  # every rank idle at once: no busy rank names the layout or the capacity
+        return ModelCase("IDLE", ())
+
+    def all_child_a_empty(r):  # one sequence per rank: under TBO every rank's child A is empty
+        # (docs/spec.md, split case 11); DECODE (1 token) and TARGET_VERIFY (3 tokens) alternate,
+        # both the decode layout, so rank 0 offers fewer rows than the capacity
+        if r % 2:
+            return ModelCase("TARGET_VERIFY", (4 + r,), draft_token_num=3, seed=80 + r)
+        return ModelCase("DECODE", (5 + r,), seed=80 + r)
+
     return {"decode": decode, "target-verify": verify, "extend": extend,
-            "idle-rank": idle_rank, "one-sequence": one_sequence, "decode-padded": padded}
+            "idle-rank": idle_rank, "one-sequence": one_sequence, "decode-padded": padded,
+            "all-idle": all_idle, "all-child-a-empty": all_child_a_empty}
 
 
 def layer_routings(rank: int, world_size: int, num_experts: int, top_k: int, tokens: int):
@@ -262,8 +274,14 @@ def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=N
                    "expert_load": out.expert_load.cpu().numpy()}
             errors = mp.relative_errors(got, want)
             rows.append({"check": "model", "name": name, "tbo": tbo, "mode": world.case.mode,
-                         "capacity": step.capacity, "errors": errors,
-                         "error": max(errors.values()),
+                         "capacity": step.capacity, "micro_batches": step.micro_batches,
+                         "strategy": step.strategy, "tokens": batch.num_tokens,
+                         "child_tokens": None if batch.tbo_children is None else [
+                             end - start for start, end in (c.tbo_parent_token_range
+                                                            for c in batch.tbo_children)],
+                         # relative_errors broadcasts: a wrong row count must fail on its own
+                         "shapes_equal": all(got[n].shape == want[n].shape for n in got),
+                         "errors": errors, "error": max(errors.values()),
                          "expert_load_equal": bool(np.array_equal(got["expert_load"],
                                                                   want["expert_load"])),
                          "zero_load_experts": int((want["expert_load"].sum(0) == 0).sum())})

@@ -130,6 +130,12 @@ def test_run_prints_the_table_and_exits_zero(run_process):
     for mode in ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"):
         assert f"split {mode}" in stdout
     assert "OK" in stdout
-    # CUDA-graph rows need a GPU: on a CPU the run says in one line that it skipped them.
-    skipped = [line for line in stdout.splitlines() if "graph replay parity" in line]
-    assert len(skipped) == 1 and "skipped" in skipped[0], stdout
+    # On a CPU the graph runner's replay path runs without a graph, plain and TBO, at a padded
+    # and at an exact captured size, and its rows say so.
+    assert "no CUDA graph" in stdout and "graph replay parity: skipped" not in stdout
+    for tbo in ("plain", "tbo"):
+        for name in ("decode", "verify-tree"):
+            for size in ("bs 5->8 padded", "bs 8->8 exact"):
+                rows = [line for line in stdout.splitlines()
+                        if line.startswith(f"replay-path float32 {name} {tbo} {size} ")]
+                assert len(rows) == 1 and rows[0].split()[-5] == "0", (name, tbo, size, stdout)

@@ -51,9 +51,10 @@ def test_sharded_layer_equals_one_device(reports):
 
 
 def test_model_on_every_rank_equals_spec(reports):
-    """Plain and TBO, DECODE / TARGET_VERIFY / EXTEND, an idle rank, an empty child B, a padded
-    batch: each rank's hidden states, logits, KV pools and expert load equal the single-device
-    spec's on that rank's batch."""
+    """Plain and TBO, DECODE / TARGET_VERIFY / EXTEND, an idle rank, an empty child A, every
+    rank idle, every rank's child A empty, a padded batch: each rank's hidden states, logits,
+    KV pools and expert load have the spec's shapes and equal the single-device spec's on that
+    rank's batch."""
     n, reps = reports
     rows = _rows(reps, "model")
     names = {row["name"] for _, row in rows}
@@ -63,8 +64,48 @@ def test_model_on_every_rank_equals_spec(reports):
     for rank, row in rows:
         assert row["error"] <= BOUNDS["float32"], (rank, row)
         assert row["expert_load_equal"], (rank, row)
+        assert row["shapes_equal"], (rank, row)
     assert any(row["zero_load_experts"] > 0 for _, row in rows if row["mode"] != "IDLE"), \
         "no scenario left an expert without tokens"
+
+
+def test_every_rank_idle_at_once_completes_with_the_smallest_decode_step(reports):
+    """No rank has a token, plain and TBO: the step completes on every rank (no rank left
+    waiting in an exchange), with empty outputs and no expert load, as the spec gives. The
+    agreed step is the rule's for no busy rank: capacity = the largest micro-batch (0) raised
+    to the smallest legal one, 1; the layout IDLE's own, decode (IDLE is DECODE at
+    ``real_bs = 0``, docs/spec.md); the micro-batches the caller's. Its other side, one idle
+    rank among busy ones, is the ``idle-rank`` scenario above."""
+    n, reps = reports
+    rows = [(rank, row) for rank, row in _rows(reps, "model") if row["name"] == "all-idle"]
+    assert sorted((rank, row["tbo"]) for rank, row in rows) == \
+        [(r, tbo) for r in range(n) for tbo in (False, True)]
+    for rank, row in rows:
+        assert (row["mode"], row["tokens"]) == ("IDLE", 0), (rank, row)
+        assert (row["capacity"], row["micro_batches"], row["strategy"]) == \
+            (1, 2 if row["tbo"] else 1, "decode"), (rank, row)
+        assert row["shapes_equal"] and row["expert_load_equal"], (rank, row)
+        assert row["error"] == 0.0, (rank, row)  # nothing to compute: exactly the spec's
+
+
+def test_every_rank_with_an_empty_micro_batch_at_once_equals_spec(reports):
+    """One sequence per rank: under TBO child A (micro-batch 0) is empty on every rank at once
+    (docs/spec.md, split case 11), so every rank sends nothing in micro-batch 0's exchanges
+    and receives nothing; child B carries all tokens. Plain and TBO, every rank's outputs equal
+    the spec's, at the capacity of the largest rank's batch (3 TARGET_VERIFY tokens; rank 0's
+    one DECODE token sits below it)."""
+    n, reps = reports
+    rows = [(rank, row) for rank, row in _rows(reps, "model")
+            if row["name"] == "all-child-a-empty"]
+    assert sorted((rank, row["tbo"]) for rank, row in rows) == \
+        [(r, tbo) for r in range(n) for tbo in (False, True)]
+    for rank, row in rows:
+        assert row["tokens"] == (3 if rank % 2 else 1), (rank, row)
+        assert row["child_tokens"] == ([0, row["tokens"]] if row["tbo"] else None), (rank, row)
+        assert (row["capacity"], row["micro_batches"], row["strategy"]) == \
+            (3, 2 if row["tbo"] else 1, "decode"), (rank, row)
+        assert row["shapes_equal"] and row["expert_load_equal"], (rank, row)
+        assert row["error"] <= BOUNDS["float32"], (rank, row)
 
 
 def test_a_misrouted_exchange_is_caught(tmp_path):

@@ -398,6 +398,9 @@ class ExpertParallelDispatcher:
     # -- the four operations --
     def dispatch_launch(self, hidden, topk_weights, topk_ids, *, micro_batch: int,
                         capacity: int) -> EPHandle:
+        # before the buffer is touched: past max_capacity the views do not exist, and a token
+        # t >= capacity would land in the next expert's slot ((e + 1)*C + t - C)
+        self.check_capacity(capacity, topk_ids.shape[0])
         n, l, h = self.world_size, self.local_experts, self.hidden_size
         send, rows = send_views(self._send[micro_batch], (n, l, capacity, h))
         self.pack(send, rows, hidden, topk_ids, capacity)  # on the compute stream

@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 
+# The split rules below are out of the mutation run's scope (docs/testing.md): exhaustive
+# verification and property tests hold them. The plugin at the end of the file is in it.
+# pragma: no mutate start
 # ---------------------------------------------------------------------------------------------
 # Split math on Python ints (inputs already validated).
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +284,9 @@ def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
     return False, None
 
 
+# pragma: no mutate end
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA-graph runner's TBO plugin.
 # ---------------------------------------------------------------------------------------------
@@ -335,18 +341,30 @@ class TboCudaGraphRunnerPlugin:
                        spec_info=None) -> tuple:
         """Write the children's real counts for a replay of the graph of ``bs`` sequences
         holding ``num_token_non_padded`` real tokens; returns the (A, B) counts written.
-        IDLE replays as DECODE (the spec's choice)."""
+        IDLE replays as DECODE (the spec's choice) and holds no real token. Every argument is
+        checked before anything is written: ``bs`` must be a size TBO captures (even, >= 2),
+        the real tokens must fit the graph."""
         forward_mode = rules.check_mode(forward_mode)
+        if forward_mode not in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY,
+                                ForwardMode.IDLE):
+            raise ValueError(f"forward_mode {forward_mode.name} is not replayed from a CUDA "
+                             f"graph (DECODE, TARGET_VERIFY and IDLE are)")
         draft = spec_info.draft_token_num if forward_mode is ForwardMode.TARGET_VERIFY \
             and spec_info is not None else None
         tnps = 1 if forward_mode is ForwardMode.IDLE else token_num_per_seq(forward_mode, draft)
-        rules.check_count("bs", bs, 1)
-        _, split_token = compute_split_indices_for_cuda_graph_replay(forward_mode, bs * tnps,
-                                                                     tnps)
-        a, b = compute_children_num_token_non_padded(split_token, num_token_non_padded)
+        bs = rules.check_count("bs", bs, 2)
+        if bs % 2:
+            raise ValueError(f"bs must be even: a TBO graph holds two equal halves, got {bs}")
+        num_token_non_padded = rules.check_count("num_token_non_padded", num_token_non_padded)
         if num_token_non_padded > bs * tnps:
             raise ValueError(f"num_token_non_padded={num_token_non_padded} > the graph's "
                              f"{bs * tnps} tokens")
+        if forward_mode is ForwardMode.IDLE and num_token_non_padded:
+            raise ValueError(f"num_token_non_padded must be 0 in IDLE, got "
+                             f"{num_token_non_padded}")
+        _, split_token = compute_split_indices_for_cuda_graph_replay(forward_mode, bs * tnps,
+                                                                     tnps)
+        a, b = compute_children_num_token_non_padded(split_token, num_token_non_padded)
         self.children_num_token_non_padded[0].fill_(a)
         self.children_num_token_non_padded[1].fill_(b)
         return a, b
