@@ -135,7 +135,23 @@ def test_run_prints_the_table_and_exits_zero(run_process):
     assert "no CUDA graph" in stdout and "graph replay parity: skipped" not in stdout
     for tbo in ("plain", "tbo"):
         for name in ("decode", "verify-tree"):
-            for size in ("bs 5->8 padded", "bs 8->8 exact"):
+            for size in ("5->8 padded", "8->8 exact"):
                 rows = [line for line in stdout.splitlines()
-                        if line.startswith(f"replay-path float32 {name} {tbo} {size} ")]
+                        if line.startswith(f"replay-path {name} {tbo} {size} ")]
                 assert len(rows) == 1 and rows[0].split()[-5] == "0", (name, tbo, size, stdout)
+
+
+def test_a_replay_path_bug_fails_the_rows_it_breaks(monkeypatch):
+    """Plant a bug in the TBO plugin: the children's counts are never rewritten at replay (they
+    keep the last capture's), so a padded replay routes padding rows to experts. The
+    replay-path rows of `run` must catch it on a CPU: every padded TBO row fails, and no
+    plain row (a plain runner has no plugin)."""
+    from torch_impl import two_batch_overlap
+
+    monkeypatch.setattr(two_batch_overlap.TboCudaGraphRunnerPlugin, "replay_prepare",
+                        lambda self, *args, **kwargs: None)
+    rows = list(cli.check_graphs("float32", "cpu"))
+    assert len(rows) == 8 and {row["kind"] for row in rows} == {"replay-path"}
+    failed = {row["mode"] for row in rows if row["mismatches"]}
+    assert {"decode tbo 5->8 padded", "verify-tree tbo 5->8 padded"} <= failed
+    assert not any(" plain " in mode for mode in failed)
