@@ -12,6 +12,7 @@ Errors are ``max|x - y| / max|y|`` per tensor (relative to the tensor's scale).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -49,16 +50,25 @@ def supported_compile_options(candidates: dict) -> dict:
 
 
 # The JAX spec runs jitted per shape with a quick compile: a tiny model gains nothing from
-# XLA's optimisation passes, and compile time dominates a parity run.
-FAST_COMPILE = supported_compile_options(dict(
-    xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
-    xla_cpu_use_fusion_emitters=False))
+# XLA's optimisation passes, and compile time dominates a parity run. Built on first use, not
+# at import: probing the options starts JAX's runtime, and a process that only imports this
+# module (a test collection, a fork server) must not hold its threads.
 _STATIC = ("cfg", "mode", "draft_token_num")
-_jit_forward = jax.jit(ref_model.forward, static_argnames=_STATIC,
-                       compiler_options=FAST_COMPILE)
-_jit_forward_tbo = jax.jit(ref_ops.forward_tbo, static_argnames=_STATIC + ("children",
-                                                                             "executor"),
-                           compiler_options=FAST_COMPILE)
+
+
+@functools.cache
+def fast_compile() -> dict:
+    return supported_compile_options(dict(
+        xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
+        xla_cpu_use_fusion_emitters=False))
+
+
+@functools.cache
+def _jitted(tbo: bool):
+    if tbo:
+        return jax.jit(ref_ops.forward_tbo, static_argnames=_STATIC + ("children", "executor"),
+                       compiler_options=fast_compile())
+    return jax.jit(ref_model.forward, static_argnames=_STATIC, compiler_options=fast_compile())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,10 +283,10 @@ def run_jax(world: World, cfg: RefConfig, weights: dict, *, tbo: bool = False,
             None if world.prefix_lens is None else world.prefix_lens.tolist(),
             spec.token_num_per_seq(mode, case.draft_token_num))
         extra = {} if executor is None else {"executor": executor}
-        out = _jit_forward_tbo(weights, inputs, world.k_pool, world.v_pool,
+        out = _jitted(True)(weights, inputs, world.k_pool, world.v_pool,
                                children=children, **kwargs, **extra)
     else:
-        out = _jit_forward(weights, inputs, world.k_pool, world.v_pool, **kwargs)
+        out = _jitted(False)(weights, inputs, world.k_pool, world.v_pool, **kwargs)
     out = jax.device_get(out)
     return {"hidden": np.asarray(out.hidden), "logits": np.asarray(out.logits),
             "k_pool": np.asarray(out.k_pool), "v_pool": np.asarray(out.v_pool),
