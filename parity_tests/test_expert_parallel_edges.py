@@ -417,3 +417,131 @@ def test_every_rank_idle_agrees_on_the_smallest_decode_step(simulated_dist, rank
     busy = ModelCase("EXTEND", (0,), (5,), seed=3)
     assert _idle_or(lambda r: busy if r == ranks - 1 else None, ranks, 1) == \
         [ep.EPStep(5, 1, "prefill")] * ranks
+
+
+# --- configuration the dispatcher refuses, and what it allocates --------------------------------
+# (written against the survivors of the mutation run, docs/testing.md: each refusal is pinned
+# to its exact message start, each boundary on both sides)
+
+
+@pytest.mark.parametrize("name", ["hidden_size", "max_capacity"])
+def test_dispatcher_sizes_from_one_accepted_below_or_not_an_int_refused(simulated_dist, name):
+    group = _Group(2)
+    kwargs = dict(hidden_size=HIDDEN, max_capacity=MAX_CAPACITY, dtype=torch.float64,
+                  device="cpu", group=_Rank(group, 0))
+    d = ep.ExpertParallelDispatcher(NUM_EXPERTS, **kwargs | {name: 1})
+    assert getattr(d, name) == 1
+    for bad in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match=rf"^{name} must be an int >= 1, got "):
+            ep.ExpertParallelDispatcher(NUM_EXPERTS, **kwargs | {name: bad})
+
+
+class _StubTransport:
+    """A transport object: every method of ep.TRANSPORT_METHODS, delegating to all_to_all."""
+
+    def __init__(self, missing=None):
+        inner = ep.AllToAllTransport()
+        for method in ep.TRANSPORT_METHODS:
+            if method != missing:
+                setattr(self, method, getattr(inner, method))
+
+
+def test_dispatcher_transport_names_and_objects(simulated_dist):
+    """A known name or an object with every transport method is taken as given; an unknown
+    name, an object missing one method, and the copy engines on a CPU are refused."""
+    rank = _Rank(_Group(2), 0)
+
+    def make(transport, device="cpu"):
+        return ep.ExpertParallelDispatcher(NUM_EXPERTS, hidden_size=HIDDEN, max_capacity=2,
+                                           dtype=torch.float64, device=device, group=rank,
+                                           transport=transport)
+
+    assert isinstance(make("all_to_all").transport, ep.AllToAllTransport)
+    assert make("all_to_all").transport.group is rank
+    stub = _StubTransport()
+    assert make(stub).transport is stub
+    with pytest.raises(ValueError, match=r"^transport must be one of \['all_to_all', "
+                                         r"'copy_engine'\] or a transport object, got 'nccl'"):
+        make("nccl")
+    for missing in ep.TRANSPORT_METHODS:
+        with pytest.raises(ValueError, match=r"^transport object .* lacks one of "):
+            make(_StubTransport(missing))
+    with pytest.raises(ValueError, match=r"^transport 'copy_engine' needs CUDA devices, got "
+                                         r"device cpu$"):
+        make("copy_engine")
+
+
+def test_dispatcher_without_a_process_group_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match=r"^ExpertParallelDispatcher needs torch.distributed "
+                                         r"initialised \(init_process_group\) first$"):
+        _dispatcher(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dispatcher_buffers_have_the_shapes_dtype_and_device_asked(simulated_dist, dtype):
+    """Two micro-batches' send buffers of ``N*L*max_capacity`` rows plus one scratch row, and
+    two sets of exchange buffers; the transport allocates each in the dtype and on the device
+    asked (checked on the meta device, where nothing is allocated)."""
+    n = 2
+    rank = _Rank(_Group(n), 1)
+    d = ep.ExpertParallelDispatcher(NUM_EXPERTS, hidden_size=HIDDEN, max_capacity=3,
+                                    dtype=dtype, device="cpu", group=rank)
+    assert d.group is rank and d.num_experts == NUM_EXPERTS and d.local_experts == 4
+    assert d.comm_stream is None and d.trace is None
+    rows = n * (NUM_EXPERTS // n) * 3 + 1
+    assert [(s.shape, s.dtype) for s in d._send] == [((rows * HIDDEN,), dtype)] * 2
+    assert len(d._bufs) == 2
+    shape = (n, 4, 3, HIDDEN)
+    bufs = ep.AllToAllTransport().allocate(shape, dtype, "meta")
+    assert {name: (t.shape, t.dtype, t.device.type) for name, t in bufs.items()} == {
+        "raw": (shape, dtype, "meta"), "recv": ((4, n, 3, HIDDEN), dtype, "meta"),
+        "out_t": (shape, dtype, "meta"), "back": (shape, dtype, "meta")}
+
+
+def _stub_batch(mode, tokens, children=None):
+    import types
+
+    from torch_impl.forward_mode import ForwardMode
+
+    return types.SimpleNamespace(forward_mode=ForwardMode[mode], num_tokens=tokens,
+                                 tbo_children=children)
+
+
+def test_micro_batch_rows_boundaries():
+    """An idle or empty batch offers 0 rows, a batch of one token 1, a split batch its larger
+    child's rows."""
+    import types
+
+    child = lambda start, end: types.SimpleNamespace(tbo_parent_token_range=(start, end))  # noqa
+    assert ep.micro_batch_rows(_stub_batch("IDLE", 0)) == 0
+    assert ep.micro_batch_rows(_stub_batch("DECODE", 0)) == 0
+    assert ep.micro_batch_rows(_stub_batch("DECODE", 1)) == 1
+    assert ep.micro_batch_rows(_stub_batch("EXTEND", 7)) == 7
+    assert ep.micro_batch_rows(_stub_batch("EXTEND", 7, (child(0, 3), child(3, 7)))) == 4
+    assert ep.micro_batch_rows(_stub_batch("EXTEND", 7, (child(0, 5), child(5, 7)))) == 5
+
+
+@pytest.mark.parametrize("modes,want", [
+    (("DECODE", "IDLE"), "decode"), (("IDLE", "EXTEND"), "prefill"),
+    (("TARGET_VERIFY", "DECODE"), "decode"), (("EXTEND", "DECODE"), None),
+    (("DECODE", "EXTEND", "IDLE"), None),
+], ids=["decode+idle", "idle+prefill", "verify+decode", "prefill+decode", "three-mixed"])
+def test_agree_ep_step_takes_the_busy_ranks_layout_and_refuses_two(simulated_dist, modes,
+                                                                    want):
+    """The layout is the busy ranks' (an idle rank follows it); ranks that run both layouts in
+    one step raise the same ValueError on every rank, none left waiting."""
+    tokens = {"IDLE": 0, "DECODE": 2, "TARGET_VERIFY": 6, "EXTEND": 5}
+
+    def step(rank):
+        mode = modes[rank.rank]
+        return ep.agree_ep_step(_stub_batch(mode, tokens[mode]), micro_batches=1, group=rank)
+
+    results, _ = run_ranks(len(modes), step)
+    if want is None:
+        assert all(isinstance(r, ValueError) and str(r).startswith(
+            "the ranks' batches run different layouts (prefill and decode) in one step")
+            for r in results), results
+    else:
+        capacity = max(tokens[m] for m in modes)
+        assert results == [ep.EPStep(capacity, 1, want)] * len(modes)

@@ -80,6 +80,9 @@ def test_spec_vmaps_over_token_counts():
     tokens = jnp.asarray([0, 31, 32, 1023, 1024, 5000], dtype=jnp.int32)
     got = jax.vmap(lambda t: spec.tbo_enabled(SpecMode.DECODE, t, min_decode_tokens=32))(tokens)
     assert np.asarray(got).tolist() == [False, False, True, True, True, True]
+    assert got.dtype == jnp.bool_
+    idle = jax.vmap(lambda t: spec.tbo_enabled(SpecMode.IDLE, t))(tokens)  # never, as bools
+    assert idle.dtype == jnp.bool_ and idle.shape == tokens.shape and not idle.any()
     jitted = jax.jit(lambda t: spec.tbo_enabled(SpecMode.EXTEND, t, min_prefill_tokens=1024))
     assert np.asarray(jax.vmap(jitted)(tokens)).tolist() == [False] * 4 + [True] * 2
 
@@ -94,8 +97,14 @@ def test_spec_vmaps_over_token_counts():
 def test_bad_input_rejected_alike(kwargs, name):
     tokens = kwargs.pop("num_tokens")
     for side, mode in ((spec, SpecMode.DECODE), (impl, ImplMode.DECODE)):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=rf"^{name}\b"):  # the message starts with it
             side.tbo_enabled(mode, tokens, **kwargs)
+
+
+def test_a_mode_that_is_not_a_forward_mode_is_refused_by_name():
+    for side in (spec, impl):
+        with pytest.raises(ValueError, match=r"^forward_mode must be a ForwardMode"):
+            side.tbo_enabled("DECODE", 8)
 
 
 def test_unsupported_mode_rejected_alike():
