@@ -78,6 +78,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the batch generator.", lower_bound=0, f
 flags.DEFINE_integer("examples", 3, "First disagreements printed per function.", lower_bound=0,
                      flag_values=FLAGS)
 
+# The mutation run (docs/testing.md) covers the classifier further down, upstream_outcome to
+# compare; fetching, lifting, probes and printing are out of its scope.
+# pragma: no mutate start
 MODULE_MARKER = re.compile(r"^\s*def compute_split_seq_index\b", re.MULTILINE)
 FORWARD_MODE_MARKER = re.compile(r"^class ForwardMode\b", re.MULTILINE)
 UNREACHABLE = re.compile(r"connection|resolve|network|timed? ?out|max retries|unreachable|"
@@ -92,9 +95,6 @@ class SourceError(Exception):
         self.unreachable = unreachable  # the package index could not be reached
 
 
-# The mutation run (docs/testing.md) covers the classifier below, from upstream_outcome to
-# compare; fetching, lifting, probes and printing are out of its scope.
-# pragma: no mutate start
 # ---------------------------------------------------------------------------------------------
 # What the loader knows: the functions of the split rules, by role.
 # ---------------------------------------------------------------------------------------------
