@@ -400,6 +400,13 @@ BAD_PLANS = [
     ("tbo-graph-of-one", ("DECODE", 0, (1, 2)), dict(tbo=True), "capture_sizes",
      ("1", "at least one")),
     ("tbo-not-bool", ("DECODE", 1, SIZES), dict(tbo=None), "tbo", ()),
+    # counts past the representable range (docs/spec.md, "Representable range"): the graph's
+    # token count overflows int32 only once multiplied by the drafts
+    ("graph-tokens-past-max-count", ("TARGET_VERIFY", 1, (2**30,)),
+     dict(tbo=False, draft_token_num=4), "graph_bs * token_num_per_seq=4294967296",
+     ("MAX_COUNT",)),
+    ("size-past-max-count", ("DECODE", 1, (2**31,)), dict(tbo=False), "capture_sizes",
+     ("MAX_COUNT",)),
 ]
 
 
