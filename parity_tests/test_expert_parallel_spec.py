@@ -304,3 +304,48 @@ def test_a_one_device_mesh_runs_in_process():
         got = routed(*(data[k] for k in ("h", "topk_w", "topk_ids", "gate", "up", "down")))
         want = check.reference_routed(data, 1)
     assert np.abs(np.asarray(got) - want).max() <= F64_BOUND * np.abs(want).max()
+
+
+# --- boundaries the mutation run found unpinned (docs/testing.md) -----------------------------
+
+
+def test_concrete_ids_are_checked_on_both_sides_of_their_range():
+    """Concrete ids lie in [-1, E): -1 (padding) and E - 1 are accepted, -2 and E refused; an
+    empty batch has no id to check. (Under jit the ids are traced and not checked.)"""
+    h, w, ids, gate, up, down = _inputs()
+    for edge, ok in ((-2, False), (-1, True), (NUM_EXPERTS - 1, True), (NUM_EXPERTS, False)):
+        edged = np.array(ids)
+        edged[0, 0] = edge
+        if ok:
+            assert ep._check_global(h, w, edged, gate, up, down, 4) == NUM_EXPERTS
+        else:
+            with pytest.raises(ValueError, match=r"^topk_ids must lie in \[-1, 8\), got "):
+                ep._check_global(h, w, edged, gate, up, down, 4)
+    empty = (np.zeros((0, 16)), np.zeros((0, 2)), np.zeros((0, 2), np.int32))
+    assert ep._check_global(*empty, gate, up, down, 4) == NUM_EXPERTS
+
+
+def test_combine_from_back_keeps_the_inputs_precision_and_names_back_in_its_check():
+    """The sum is accumulated in the inputs' result type (float64 stays float64), and ids
+    whose rows do not match back's capacity are refused naming back."""
+    back = np.random.default_rng(0).normal(size=(4, 3, 5))
+    w = np.full((3, 2), 0.5)
+    ids = np.array([[0, 1], [2, -1], [3, 0]], np.int32)
+    with jax.enable_x64(True):
+        out = ep.combine_from_back(back, w, ids)
+        assert out.dtype == jnp.float64
+        assert ep.combine_from_back(back.astype(np.float32), w.astype(np.float32),
+                                    ids).dtype == jnp.float32
+    with pytest.raises(ValueError, match=r"^topk_ids must have one row per token of back "
+                                         r"\(3\), got \(2, 2\)$"):
+        ep.combine_from_back(back, w[:2], ids[:2])
+
+
+def test_exchange_takes_square_leading_axes_from_two_dims_on():
+    """[N, N] is the smallest buffer an exchange takes; fewer axes, unequal leading axes or
+    something without a shape are refused naming buffers."""
+    square = np.arange(4.0).reshape(2, 2)
+    assert np.array_equal(np.asarray(ep.exchange(square)), square.T)
+    for bad in (np.zeros(4), np.zeros((2, 3)), [[0.0, 1.0], [2.0, 3.0]]):
+        with pytest.raises(ValueError, match=r"^buffers must be \[N, N, \.\.\.\], got shape"):
+            ep.exchange(bad)
