@@ -505,3 +505,17 @@ def test_compare_counts_every_probe_once_and_keeps_at_most_the_examples_asked(
             result.differ, role
         assert len(result.examples) == min(examples, result.differ), role
     assert report.results["dp_agreement"].differ > examples
+
+
+def test_compare_keeps_three_examples_by_default_and_times_itself(release, probes):
+    """The command's default of 3 examples per function, and the report's seconds: the
+    duration of the comparison itself, within the wall time around the call (not a speed
+    assertion: any duration passes that lies in that window)."""
+    import time
+
+    start = time.perf_counter()
+    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_DECODE)), probes)
+    elapsed = time.perf_counter() - start
+    dp = report.results["dp_agreement"]
+    assert dp.differ > 3 and len(dp.examples) == 3
+    assert 0 <= report.seconds <= elapsed
