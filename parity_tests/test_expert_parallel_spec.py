@@ -349,3 +349,11 @@ def test_exchange_takes_square_leading_axes_from_two_dims_on():
     for bad in (np.zeros(4), np.zeros((2, 3)), [[0.0, 1.0], [2.0, 3.0]]):
         with pytest.raises(ValueError, match=r"^buffers must be \[N, N, \.\.\.\], got shape"):
             ep.exchange(bad)
+
+
+def test_the_one_device_simulation_checks_the_weights_too():
+    """ep_routed_moe_on_one_device validates every global input as ep_routed_moe does, the
+    weights included: a topk_w of the wrong shape is refused naming it."""
+    h, w, ids, gate, up, down = _inputs()
+    with pytest.raises(ValueError, match=r"^topk_w must have topk_ids' shape"):
+        ep.ep_routed_moe_on_one_device(h, w[:, :1], ids, gate, up, down, num_ranks=4)
