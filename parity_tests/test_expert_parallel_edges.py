@@ -526,16 +526,23 @@ def test_micro_batch_rows_boundaries():
     (("DECODE", "IDLE"), "decode"), (("IDLE", "EXTEND"), "prefill"),
     (("TARGET_VERIFY", "DECODE"), "decode"), (("EXTEND", "DECODE"), None),
     (("DECODE", "EXTEND", "IDLE"), None),
-], ids=["decode+idle", "idle+prefill", "verify+decode", "prefill+decode", "three-mixed"])
+    (("DECODE/0", "EXTEND"), "prefill"), (("DECODE/1", "EXTEND"), None),
+], ids=["decode+idle", "idle+prefill", "verify+decode", "prefill+decode", "three-mixed",
+        "empty-decode+prefill", "one-token-decode+prefill"])
 def test_agree_ep_step_takes_the_busy_ranks_layout_and_refuses_two(simulated_dist, modes,
                                                                     want):
-    """The layout is the busy ranks' (an idle rank follows it); ranks that run both layouts in
-    one step raise the same ValueError on every rank, none left waiting."""
+    """The layout is the busy ranks' (an idle rank, or one whose batch has no token, follows
+    it); ranks that run both layouts in one step, even with one token, raise the same
+    ValueError on every rank, none left waiting. ``MODE/n``: a batch of ``n`` tokens."""
     tokens = {"IDLE": 0, "DECODE": 2, "TARGET_VERIFY": 6, "EXTEND": 5}
 
+    def parse(entry):
+        mode, _, count = entry.partition("/")
+        return mode, int(count) if count else tokens[mode]
+
     def step(rank):
-        mode = modes[rank.rank]
-        return ep.agree_ep_step(_stub_batch(mode, tokens[mode]), micro_batches=1, group=rank)
+        return ep.agree_ep_step(_stub_batch(*parse(modes[rank.rank])), micro_batches=1,
+                                group=rank)
 
     results, _ = run_ranks(len(modes), step)
     if want is None:
@@ -543,5 +550,13 @@ def test_agree_ep_step_takes_the_busy_ranks_layout_and_refuses_two(simulated_dis
             "the ranks' batches run different layouts (prefill and decode) in one step")
             for r in results), results
     else:
-        capacity = max(tokens[m] for m in modes)
+        capacity = max(1, max(parse(m)[1] for m in modes))
         assert results == [ep.EPStep(capacity, 1, want)] * len(modes)
+
+
+def test_check_capacity_refuses_a_capacity_that_is_not_an_int(simulated_dist):
+    d = _dispatcher(_Rank(_Group(2), 0))
+    d.check_capacity(2, 1)
+    for bad in (2.0, "2", True, None):
+        with pytest.raises(ValueError, match=r"^ep_capacity must be an int >= 1"):
+            d.check_capacity(bad, 1)
