@@ -336,6 +336,14 @@ def test_combine_from_back_keeps_the_inputs_precision_and_names_back_in_its_chec
         assert out.dtype == jnp.float64
         assert ep.combine_from_back(back.astype(np.float32), w.astype(np.float32),
                                     ids).dtype == jnp.float32
+        # mixed: the wider of the two, whichever it is
+        assert ep.combine_from_back(back, w.astype(np.float32), ids).dtype == jnp.float64
+        assert ep.combine_from_back(back.astype(np.float32), w, ids).dtype == jnp.float64
+        # with no expert per token (K = 0) the sum is empty: zeros, in that same type
+        none_w, none_ids = np.zeros((3, 0)), np.zeros((3, 0), np.int32)
+        for b, nw in ((back, none_w.astype(np.float32)), (back.astype(np.float32), none_w)):
+            empty = ep.combine_from_back(b, nw, none_ids)
+            assert empty.dtype == jnp.float64 and not np.asarray(empty).any()
     with pytest.raises(ValueError, match=r"^topk_ids must have one row per token of back "
                                          r"\(3\), got \(2, 2\)$"):
         ep.combine_from_back(back, w[:2], ids[:2])
