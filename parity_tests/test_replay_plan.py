@@ -472,3 +472,14 @@ def test_replay_table_row(side, mode, draft, captured, tbo, real_bs, want):
     plan = side.plan_replay(side.ForwardMode[mode], real_bs, captured, tbo=tbo,
                             draft_token_num=draft)
     assert {k: getattr(plan, k) for k in want} == want
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_capture_sizes_need_not_be_a_list(side):
+    """Any sequence or iterable of sizes plans like the tuple of the same sizes: an integer
+    array, a range, a generator (a mutation survivor: only lists and tuples were tested)."""
+    mode = side.ForwardMode.DECODE
+    want = side.plan_replay(mode, 3, (2, 4, 8), tbo=True)
+    for sizes in (np.array([2, 4, 8]), range(2, 9, 2), (s for s in (2, 4, 8))):
+        got = side.plan_replay(mode, 3, sizes, tbo=True)
+        assert got == want, sizes  # (the range adds 6, which 3 sequences do not pick)
