@@ -483,3 +483,6 @@ def test_capture_sizes_need_not_be_a_list(side):
     for sizes in (np.array([2, 4, 8]), range(2, 9, 2), (s for s in (2, 4, 8))):
         got = side.plan_replay(mode, 3, sizes, tbo=True)
         assert got == want, sizes  # (the range adds 6, which 3 sequences do not pick)
+    for sizes in ([2, np.int64(4), 8], (np.int32(2), 4, np.int64(8))):  # numpy entries
+        got = side.plan_replay(mode, 3, sizes, tbo=True)
+        assert got == want and type(got.graph_bs) is int, sizes
