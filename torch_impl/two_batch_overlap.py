@@ -352,12 +352,9 @@ class TboCudaGraphRunnerPlugin:
         draft = spec_info.draft_token_num if forward_mode is ForwardMode.TARGET_VERIFY \
             and spec_info is not None else None
         tnps = 1 if forward_mode is ForwardMode.IDLE else token_num_per_seq(forward_mode, draft)
-        from torch_impl.replay_plan import tbo_capture_refusal  # (replay_plan imports this)
-
-        reason = tbo_capture_refusal(bs)  # the capture-size rule, which checks bs as an int
-        if reason is not None:
-            raise ValueError(f"bs must be a size two-batch overlap captures: {reason}")
-        bs = rules.as_int("bs", bs)
+        bs = rules.check_count("bs", bs, 2)
+        if bs % 2:
+            raise ValueError(f"bs must be even: a TBO graph holds two equal halves, got {bs}")
         num_token_non_padded = rules.check_count("num_token_non_padded", num_token_non_padded)
         if num_token_non_padded > bs * tnps:
             raise ValueError(f"num_token_non_padded={num_token_non_padded} > the graph's "
