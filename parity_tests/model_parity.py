@@ -25,7 +25,7 @@ from reference import operations as ref_ops
 from reference import split as spec
 from reference.weights import ModelConfig as RefConfig
 from reference.weights import init_weights
-from torch_impl.attention import TboAttnBackend
+from torch_impl.attention import TboAttnBackend, TorchAttnBackend
 from torch_impl.batch_splitter import TboForwardBatchPreparer
 from torch_impl.config import ModelConfig as TorchConfig
 from torch_impl.forward_batch import ForwardBatch, VerifyInput
@@ -325,10 +325,12 @@ def torch_batch(world: World, *, dtype, device, pools: Optional[tuple] = None) -
     return batch
 
 
-def run_torch(world: World, model: MoEModel, *, tbo: bool, dtype=torch.float32) -> dict:
-    """The PyTorch model's outputs, plain or with two-batch overlap, on the model's device."""
+def run_torch(world: World, model: MoEModel, *, tbo: bool, dtype=torch.float32,
+              make_backend=TorchAttnBackend) -> dict:
+    """The PyTorch model's outputs, plain or with two-batch overlap, on the model's device,
+    with ``make_backend``'s attention (the reference by default)."""
     batch = torch_batch(world, dtype=dtype, device=model.embed.device)
-    backend = TboAttnBackend()
+    backend = TboAttnBackend(make_backend)
     if tbo:
         batch = TboForwardBatchPreparer().prepare(batch)
     backend.init_forward_metadata(batch)

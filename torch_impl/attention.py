@@ -9,8 +9,19 @@ rule (docs/model.md):
 - TARGET_VERIFY, draft r of s: columns ``j < seq_lens[s] + d`` where row r of s's tree-mask
   block allows it (the block is ``d x (seq_lens[s] + d)``, blocks laid end to end).
 
+Two backends compute it, and must agree (``parity_tests/test_sdpa_attention.py``):
+
+- ``TorchAttnBackend``, the readable reference: every token gathers its own ``[L, N, D]``
+  keys and values and the softmax runs in float32. Memory ``T * L``: fine for tests, not for
+  thousands of cached tokens at hundreds of sequences.
+- ``SdpaAttnBackend``, the serving path: one gather of ``[B, L, N, D]`` per *sequence* in the
+  pool's dtype, then ``torch.nn.functional.scaled_dot_product_attention`` (flash or
+  memory-efficient kernels on a GPU) with the same visibility rule as a boolean mask. It
+  captures in CUDA graphs (DECODE, TARGET_VERIFY) and runs EXTEND eagerly.
+
 Shape letters: ``T`` tokens, ``B`` sequences, ``L`` table columns read, ``N`` heads, ``D``
-head dim.
+head dim, ``Q`` query rows per sequence (1 in DECODE, the draft count in TARGET_VERIFY, the
+longest new run in EXTEND).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.kv_cache import KVPool
@@ -115,9 +127,7 @@ def build_metadata(batch: ForwardBatch, width: Optional[int] = None) -> Optional
     _check_attention_fields(batch)
     if width is None:
         width = context_width(batch)
-    if width > batch.req_to_token.shape[1]:
-        raise ValueError(f"width={width} exceeds req_to_token's {batch.req_to_token.shape[1]} "
-                         f"columns")
+    _check_width(batch, width)
     columns = torch.arange(width, device=batch.input_ids.device)
     if batch.forward_mode.is_extend():
         seq_of_token, allowed = _extend_allowed(batch, columns)
@@ -146,6 +156,112 @@ class TorchAttnBackend:
         scores = scores.masked_fill(~self.metadata.allowed[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return torch.einsum("tnl,tlnd->tnd", probs, values.float()).to(q.dtype)
+
+
+@dataclasses.dataclass
+class SdpaPlan:
+    """What ``SdpaAttnBackend`` needs per step; built once, read by every layer.
+
+    ``slots [B, L]``: the pool slot of each sequence's table columns. ``mask [B, 1, Q, L]``
+    bool, or None with ``causal``: which columns each query row sees. ``query_index``: None
+    when the ``T`` tokens are already ``[B, Q]`` in order (DECODE, TARGET_VERIFY); in EXTEND
+    ``(seq [T], offset [T])``, where token t sits in the padded ``[B, Q]`` grid."""
+    slots: torch.Tensor
+    mask: Optional[torch.Tensor]
+    causal: bool
+    rows: int  # Q
+    query_index: Optional[tuple]
+
+
+def _uniform_plan(batch: ForwardBatch, width: Optional[int]) -> SdpaPlan:
+    """DECODE and TARGET_VERIFY: the ``[T, L]`` visibility of ``_uniform_allowed`` is already
+    ``[B, Q, L]`` in token order (sequence-major, ``Q`` rows each), so it is only reshaped.
+    Graph-safe: device tensors only, shapes from the token and column counts."""
+    if width is None:
+        width = context_width(batch)
+    _check_width(batch, width)
+    per_seq = batch.spec_info.draft_token_num if batch.forward_mode.name == "TARGET_VERIFY" \
+        else 1
+    num_seqs = batch.num_tokens // per_seq
+    columns = torch.arange(width, device=batch.input_ids.device)
+    _, allowed = _uniform_allowed(batch, columns)  # [T, L]
+    slots = batch.req_to_token[batch.req_pool_indices[:num_seqs], :width]  # [B, L]
+    return SdpaPlan(slots, allowed.view(num_seqs, 1, per_seq, width), False, per_seq, None)
+
+
+def _extend_plan(batch: ForwardBatch) -> SdpaPlan:
+    """EXTEND (eager: the sizes are read on the host). The new tokens of sequence s are padded
+    into row s of a ``[B, Q]`` grid, ``Q`` the longest run; query row i of s sees columns
+    ``j <= prefix[s] + i``. Padding rows (``i >= len[s]``) repeat the last real row's mask, so
+    no row is empty (an all-masked row would be NaN); their output is never read. A batch of
+    fresh sequences of one length needs no mask: the kernels' own causal rule is the same."""
+    lens_cpu, prefix_cpu = batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu
+    rows, width = int(lens_cpu.max()), int((lens_cpu + prefix_cpu).max())
+    _check_width(batch, width)
+    device = batch.input_ids.device
+    lens, prefix = batch.extend_seq_lens, batch.extend_prefix_lens
+    num_seqs = len(lens_cpu)
+    seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), lens,
+                                  output_size=batch.num_tokens)
+    offset = torch.arange(batch.num_tokens, device=device) - batch.extend_start_loc[seq]
+    slots = batch.req_to_token[batch.req_pool_indices, :width]  # [B, L]
+    if bool((prefix_cpu == 0).all()) and bool((lens_cpu == rows).all()):
+        return SdpaPlan(slots, None, True, rows, (seq, offset))
+    row = torch.minimum(torch.arange(rows, device=device)[None, :], lens[:, None] - 1)  # [B, Q]
+    limit = prefix[:, None] + row  # [B, Q] last visible column
+    mask = torch.arange(width, device=device)[None, None, :] <= limit[:, :, None]
+    return SdpaPlan(slots, mask[:, None], False, rows, (seq, offset))
+
+
+def _check_width(batch: ForwardBatch, width: int) -> None:
+    if width > batch.req_to_token.shape[1]:
+        raise ValueError(f"width={width} exceeds req_to_token's {batch.req_to_token.shape[1]} "
+                         f"columns")
+
+
+class SdpaAttnBackend:
+    """Attention through ``scaled_dot_product_attention`` over keys and values gathered per
+    sequence (not per token) in the pool's dtype: the same rule as ``TorchAttnBackend``, in
+    the memory a real context needs (``2 * B * L * N * D`` elements per layer, reused).
+
+    The gather is the price of a paged table with a dense kernel: it moves the context once
+    more than a paged kernel would (docs/gpu-results.md measures it). Numerics: the kernels
+    accumulate in float32 and round the output once to ``q``'s dtype, like the reference;
+    they differ from it by the order of their sums (docs/model.md states the tolerance).
+    """
+
+    def __init__(self):
+        self.plan: Optional[SdpaPlan] = None
+
+    def init_forward_metadata(self, batch: ForwardBatch, *, width: Optional[int] = None) -> None:
+        """As ``TorchAttnBackend``'s: ``width`` fixes the column count (a CUDA graph's
+        ``max_context_len``); EXTEND is eager and sizes itself."""
+        if batch.num_tokens == 0:
+            self.plan = None
+            return
+        _check_attention_fields(batch)
+        self.plan = (_extend_plan(batch) if batch.forward_mode.is_extend()
+                     else _uniform_plan(batch, width))
+
+    def forward(self, q, k, v, *, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        """q, k, v: ``[T, N, D]`` -> ``[T, N, D]``. Writes this layer's k, v first."""
+        plan = self.plan
+        pool: KVPool = batch.kv_pool
+        pool.write(layer, batch.out_cache_loc, k, v)
+        keys, values = pool.gather(layer, plan.slots)  # [B, L, N, D] each
+        num_seqs, (tokens, heads, dim) = plan.slots.shape[0], q.shape
+        if plan.query_index is None:
+            grid = q.view(num_seqs, plan.rows, heads, dim)
+        else:
+            grid = q.new_zeros(num_seqs, plan.rows, heads, dim)
+            grid[plan.query_index] = q
+        out = F.scaled_dot_product_attention(  # [B, N, Q, D]
+            grid.transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
+            values.to(q.dtype).transpose(1, 2), attn_mask=plan.mask, is_causal=plan.causal)
+        out = out.transpose(1, 2)  # [B, Q, N, D]
+        if plan.query_index is None:
+            return out.reshape(tokens, heads, dim)
+        return out[plan.query_index]
 
 
 class TboAttnBackend:

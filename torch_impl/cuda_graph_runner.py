@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from torch_impl import replay_plan
-from torch_impl.attention import TboAttnBackend
+from torch_impl.attention import TboAttnBackend, TorchAttnBackend
 from torch_impl.batch_splitter import TboForwardBatchPreparer
 from torch_impl.expert_parallel import EPStep, micro_batch_rows
 from torch_impl.forward_batch import ForwardBatch, VerifyInput
@@ -105,6 +105,8 @@ class CudaGraphRunner:
     their addresses). The caller reserves ``padding_slot`` (a KV slot no request uses) and
     ``padding_req_row`` (a request row no request uses); the runner points every column of
     that row at the padding slot, so padding rows read and write only that slot.
+    ``make_attn_backend`` builds the attention of each (micro-)batch: the reference
+    ``TorchAttnBackend`` by default, ``SdpaAttnBackend`` for real contexts.
     """
 
     def __init__(self, model: MoEModel, kv_pool: KVPool, req_to_token: torch.Tensor, *,
@@ -113,10 +115,12 @@ class CudaGraphRunner:
                  max_bs: Optional[int] = 64, batch_sizes: Optional[Sequence[int]] = None,
                  tbo: bool = False, use_cuda_graph: Optional[bool] = None,
                  plugin: Optional[TboCudaGraphRunnerPlugin] = None,
-                 preparer: Optional[TboForwardBatchPreparer] = None):
+                 preparer: Optional[TboForwardBatchPreparer] = None,
+                 make_attn_backend: Callable[[], object] = TorchAttnBackend):
         if not isinstance(model, MoEModel):
             raise ValueError(f"model must be a MoEModel, got {type(model).__name__}")
         self.model, self.kv_pool, self.req_to_token = model, kv_pool, req_to_token
+        self.make_attn_backend = make_attn_backend
         self.device = model.embed.device
         self.tbo = bool(tbo)
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph is None
@@ -218,7 +222,7 @@ class CudaGraphRunner:
         self.static.num_token_non_padded.fill_(key.num_tokens)  # at capture every row is real
         if self.tbo:
             batch = self.plugin.capture_one_batch_size(batch, key.num_tokens)
-        backend = TboAttnBackend()
+        backend = TboAttnBackend(self.make_attn_backend)
 
         ep_step = self._ep_step(batch)
 
@@ -389,7 +393,7 @@ class CudaGraphRunner:
     @torch.no_grad()
     def eager(self, batch: ForwardBatch) -> ModelOutput:
         """The eager forward (split by the preparer when the runner runs TBO)."""
-        backend = TboAttnBackend()
+        backend = TboAttnBackend(self.make_attn_backend)
         if self.tbo and not batch.forward_mode.is_idle():
             batch = self.preparer.prepare(batch)
         backend.init_forward_metadata(batch)
