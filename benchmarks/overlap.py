@@ -1,15 +1,31 @@
-"""Does two-batch overlap hide the expert-parallel exchange? Measured on N GPUs of one host.
+"""Does two-batch overlap hide the expert-parallel exchange? Measured on N GPUs of one host,
+over two links.
 
     PYTHONPATH=. python3 benchmarks/overlap.py --nproc=2 [--out_dir=docs] [--commit=SHA]
-        [--tokens=32,64,128,256,512,1024] [--prefill_tokens=1024,4096] [--emulated_link_us=100,250] [--layers=4]
-        [--transports=all_to_all,copy_engine] [--knobs] [--timeline_tokens=1024]
+        [--links=nvlink,network] [--context=2048] [--long_context=8192]
+        [--long_context_tokens=256] [--tokens=32,64,128,256,512,1024] [--attention=sdpa]
+        [--prefill_tokens=1024,4096,16384] [--prefill_seq_len=1024] [--layers=4]
+        [--transports=all_to_all,copy_engine] [--knobs] [--emulated_link_us=100,250]
+        [--timeline_tokens=256] [--timeline_link=network]
 
 The model is a slice of a DeepSeek-V3 MoE decoder, in bfloat16: hidden 7168, top-8 routing over
-``8 * N`` experts (8 per rank), expert intermediate size 2048, one shared expert, a small
-attention (8 heads of 128) and ``--layers`` layers. Every rank decodes its own batch of ``T``
-sequences (data-parallel attention, expert-parallel MoE), captured in CUDA graphs by
-``CudaGraphRunner``. Per transport and per ``T`` (tokens per rank) it measures, as the median
-over ``--repeats`` timed blocks of ``--iters`` graph replays each (CUDA events on the replay
+``8 * N`` experts (8 per rank), expert intermediate size 2048, one shared expert, attention of
+8 heads of 128 (``--attention=sdpa``: ``SdpaAttnBackend``, which holds real contexts) and
+``--layers`` layers. Every rank decodes its own batch of ``T`` sequences of ``--context``
+cached tokens each (data-parallel attention, expert-parallel MoE), captured in CUDA graphs by
+``CudaGraphRunner``.
+
+The links (``--links``), one launch of the ranks each, since NCCL reads its settings at start:
+
+- ``nvlink``: the GPUs' own NVLink (NCCL over peer-to-peer access; copy engines over
+  symmetric memory);
+- ``network``: NCCL with ``NCCL_P2P_DISABLE=1``, so every exchange goes through host memory.
+  That is a real link, of the class of one 400 Gb/s NIC per GPU, where SGLang measured its
+  gains; each run measures its bandwidth (``link_bandwidth``) beside NVLink's. Only
+  ``all_to_all`` runs there (symmetric memory needs peer access).
+
+Per link, context, transport and ``T`` (tokens per rank) it measures, as the median over
+``--repeats`` timed blocks of ``--iters`` graph replays each (CUDA events on the replay
 stream; ranks start each block together after a barrier):
 
 - ``compute_ms``: the TBO step with a transport that moves nothing (same shapes, same kernels,
@@ -22,18 +38,22 @@ stream; ranks start each block together after a barrier):
 - ``limit_ratio`` = ``tbo_ms / max(compute_ms, comm_ms)`` (1.00 is the physical limit);
 - ``speedup`` = ``plain_ms / tbo_ms``.
 
-Also: prefill steps (EXTEND, ``--prefill_tokens`` per rank in sequences of 64 tokens, eager:
-graphs are for decode), plain vs TBO; a clearly labelled slow-link emulation (a spin of
-``--emulated_link_us`` on the communication stream after every send: the regime of a link
-slower than NVLink, never a replacement for the real numbers); with ``--knobs``, NCCL's SM trade (``max_ctas`` of the communicator, cuBLAS SM
-carve-out) swept for ``all_to_all`` at 256 and 1024 tokens; a check that the logits are bit for
-bit the same for every transport and knob; the crossover (the smallest ``T`` from which TBO wins
-at every larger measured ``T``); and one TBO decode step recorded with CUDA events on both
-streams for the timeline picture (``tbo-parity timeline`` draws it).
+Also: prefill steps (EXTEND, ``--prefill_tokens`` per rank in fresh sequences of
+``--prefill_seq_len`` tokens, eager: graphs are for decode), plain vs TBO, with the silent
+transport (``none``: compute only) and each transport; a check that the TBO logits are bit
+for bit the same for every transport on every link (SHA-256 digests across the launches); the
+crossover (the smallest ``T`` from which TBO wins at every larger measured ``T``); the
+targets of the issue, each met or missed; one eager TBO decode step recorded with CUDA events
+on both streams (``timeline.json``; ``tbo-parity timeline`` draws it); and, on
+``--timeline_link``, one TBO decode step *replayed as a CUDA graph* under ``torch.profiler``
+(``timeline-graph.json``: kernel timestamps per stream, see ``record_graph_timeline``).
 
-Writes ``overlap-benchmark.json`` and ``overlap-benchmark.md`` (and ``timeline.json``) to
-``--out_dir``. Timings are never asserted anywhere; the targets of the issue are reported as
-met or missed.
+Labelled extras, off by default: ``--knobs`` sweeps NCCL's SM trade (``max_ctas``, cuBLAS SM
+carve-out); ``--emulated_link_us`` adds a spin after every copy-engine send (the old
+emulation of a slow link, never a replacement for the network link's real numbers).
+
+Writes ``overlap-benchmark.json`` and ``overlap-benchmark.md`` to ``--out_dir``. Timings are
+never asserted anywhere.
 """
 
 from __future__ import annotations
@@ -47,8 +67,14 @@ import sys
 import time
 
 HIDDEN, INTERMEDIATE, TOP_K, EXPERTS_PER_RANK = 7168, 2048, 8, 8
-HEADS, HEAD_DIM, VOCAB, CONTEXT = 8, 128, 1024, 32
-PREFILL_LENGTH = 64
+HEADS, HEAD_DIM, VOCAB = 8, 128, 1024
+# The links a benchmark run can measure, and the environment each one's ranks start with.
+# "network": NCCL with peer-to-peer access off, so every byte crosses host memory through
+# NCCL's shared-memory transport: one link per GPU of the class of a 400 Gb/s NIC (measured
+# beside NVLink in the same run). Symmetric memory needs peer access, so only all_to_all
+# runs there.
+LINKS = {"nvlink": {}, "network": {"NCCL_P2P_DISABLE": "1"}}
+LINK_TRANSPORTS = {"nvlink": ("all_to_all", "copy_engine"), "network": ("all_to_all",)}
 
 
 def _flags():
@@ -61,19 +87,36 @@ def _flags():
                         flag_values=F)
     flags.DEFINE_list("tokens", ["32", "64", "128", "256", "512", "1024"],
                       "decode tokens per rank", flag_values=F)
-    flags.DEFINE_list("prefill_tokens", ["1024", "4096"], "EXTEND tokens per rank (empty: "
-                      "skip)", flag_values=F)
-    flags.DEFINE_list("emulated_link_us", ["100", "250"], "slow-link emulation: delays added "
-                      "to every exchange on the communication stream (empty: skip)",
+    flags.DEFINE_integer("context", 2048, "cached tokens per decoding sequence", lower_bound=2,
+                         flag_values=F)
+    flags.DEFINE_integer("long_context", 8192, "a second decode context, measured at "
+                         "--long_context_tokens (0: skip)", lower_bound=0, flag_values=F)
+    flags.DEFINE_list("long_context_tokens", ["256"], "tokens per rank at --long_context",
+                      flag_values=F)
+    flags.DEFINE_enum("attention", "sdpa", ["sdpa", "reference"], "attention backend: sdpa "
+                      "(SdpaAttnBackend, real contexts) or reference (TorchAttnBackend)",
+                      flag_values=F)
+    flags.DEFINE_list("links", ["nvlink", "network"], f"links to measure, of {sorted(LINKS)}",
+                      flag_values=F)
+    flags.DEFINE_string("link", "nvlink", "the link of this rank (set by the launcher)",
+                        flag_values=F)
+    flags.DEFINE_list("prefill_tokens", ["1024", "4096", "16384"], "EXTEND tokens per rank "
+                      "(empty: skip)", flag_values=F)
+    flags.DEFINE_integer("prefill_seq_len", 1024, "tokens per prefill sequence",
+                         lower_bound=1, flag_values=F)
+    flags.DEFINE_list("emulated_link_us", [], "slow-link emulation, a labelled extra: delays "
+                      "added to every exchange on the communication stream (empty: skip)",
                       flag_values=F)
     flags.DEFINE_integer("layers", 4, "decoder layers", lower_bound=1, flag_values=F)
     flags.DEFINE_list("transports", ["all_to_all", "copy_engine"], "transports to measure",
                       flag_values=F)
-    flags.DEFINE_bool("knobs", True, "sweep NCCL max_ctas and the cuBLAS SM carve-out",
+    flags.DEFINE_bool("knobs", False, "sweep NCCL max_ctas and the cuBLAS SM carve-out",
                       flag_values=F)
-    flags.DEFINE_integer("timeline_tokens", 1024, "tokens per rank of the timeline step (0: "
+    flags.DEFINE_integer("timeline_tokens", 256, "tokens per rank of the timeline step (0: "
                          "skip)", lower_bound=0, flag_values=F)
-    flags.DEFINE_string("timeline_transport", "copy_engine", "transport of the timeline step",
+    flags.DEFINE_string("timeline_link", "network", "the link whose run records the replayed "
+                        "timeline", flag_values=F)
+    flags.DEFINE_string("timeline_transport", "all_to_all", "transport of the timeline step",
                         flag_values=F)
     flags.DEFINE_integer("iters", 10, "graph replays per timed block", lower_bound=1,
                          flag_values=F)
@@ -240,7 +283,7 @@ def make_dispatcher(cfg, transport: str, *, max_capacity, device, dtype, group=N
 
 @dataclasses.dataclass
 class Serving:
-    req_to_token: object  # [R + 1, CONTEXT]: row R is the padding row
+    req_to_token: object  # [R + 1, context]: row R is the padding row
     pool: object  # KVPool with one extra slot (the padding slot)
 
     @property
@@ -252,21 +295,27 @@ class Serving:
         return self.pool.k.shape[1] - 1
 
 
-def serving(cfg, num_requests: int, context: int, *, device, dtype) -> Serving:
+def serving(cfg, num_requests: int, context: int, *, device, dtype, seed: int = 0) -> Serving:
+    """Request ``r`` holds slots ``r*context .. (r+1)*context - 1``; the pools are random
+    (seeded: every launch, on every link, starts from the same cache)."""
     import torch
 
     from torch_impl.kv_cache import KVPool
+
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     slots = num_requests * context
     table = torch.arange(slots, device=device).view(num_requests, context)
     table = torch.cat([table, torch.full((1, context), slots, device=device)])
     shape = (cfg.num_layers, slots + 1, cfg.num_heads, cfg.head_dim)
-    return Serving(table, KVPool(torch.randn(shape, device=device).to(dtype),
-                                 torch.randn(shape, device=device).to(dtype)))
+    return Serving(table, KVPool(
+        torch.randn(shape, device=device, dtype=dtype, generator=gen),
+        torch.randn(shape, device=device, dtype=dtype, generator=gen)))
 
 
 def decode_batch(cfg, srv: Serving, num_seqs: int, *, device, seed: int = 0):
-    """``num_seqs`` sequences of ``CONTEXT - 1`` cached tokens each decode one token."""
+    """``num_seqs`` sequences of ``context - 1`` cached tokens each (the table's width) decode
+    one token."""
     import torch
 
     from torch_impl.forward_batch import ForwardBatch
@@ -274,12 +323,13 @@ def decode_batch(cfg, srv: Serving, num_seqs: int, *, device, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     rows = torch.arange(num_seqs)
-    pos = torch.full((num_seqs,), CONTEXT - 1)
+    context = srv.req_to_token.shape[1]
+    pos = torch.full((num_seqs,), context - 1)
     seq_lens = pos + 1
     return ForwardBatch(
         forward_mode=ForwardMode.DECODE, batch_size=num_seqs,
         input_ids=torch.randint(0, cfg.vocab_size, (num_seqs,), generator=gen).to(device),
-        positions=pos.to(device), out_cache_loc=srv.req_to_token[rows.to(device), CONTEXT - 1],
+        positions=pos.to(device), out_cache_loc=srv.req_to_token[rows.to(device), context - 1],
         req_pool_indices=rows.to(device), seq_lens=seq_lens.to(device), seq_lens_cpu=seq_lens,
         num_token_non_padded=num_seqs, req_to_token=srv.req_to_token, kv_pool=srv.pool)
 
@@ -385,144 +435,217 @@ def exchanges_only(model, tokens: int, micro_batches: int, *, device, dtype, see
 # --- the worker --------------------------------------------------------------------------------
 
 
-def worker(F) -> dict:
+def attention_backend(name: str):
+    """The attention backend class of ``--attention``."""
+    from torch_impl.attention import SdpaAttnBackend, TorchAttnBackend
+
+    return {"sdpa": SdpaAttnBackend, "reference": TorchAttnBackend}[name]
+
+
+def link_bandwidth(device, *, megabytes: int = 64, iters: int = 10) -> dict:
+    """The link as the exchanges see it: ``all_to_all_single`` of ``megabytes`` per rank,
+    eager, on this rank's process group; GB/s of what leaves each GPU (``(N-1)/N`` of it)."""
     import torch
     import torch.distributed as dist
 
+    world = dist.get_world_size()
+    x = torch.ones(megabytes * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        dist.all_to_all_single(y, x)
+    torch.cuda.synchronize(device)
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dist.all_to_all_single(y, x)
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / iters
+    leaving = x.numel() * x.element_size() * (world - 1) / world
+    return {"megabytes_per_rank": megabytes, "ms": ms, "gb_per_s": leaving / (ms * 1e-3) / 1e9}
+
+
+class DecodeSweep:
+    """Decode steps in CUDA graphs at one context: for each tokens-per-rank ``T`` the TBO and
+    plain steps with a transport that moves nothing (compute only), then per transport the
+    exchanges alone, the plain step and the TBO step (see the module docstring)."""
+
+    def __init__(self, F, cfg, model, *, device, dtype, comm_stream, max_tokens: int):
+        self.F, self.cfg, self.model = F, cfg, model
+        self.device, self.dtype, self.comm_stream = device, dtype, comm_stream
+        self.max_tokens = max_tokens
+        self.logits = {}  # (context, transport, T, knob) -> the TBO step's logits
+
+    def _timed(self, fn) -> float:
+        return timed(fn, iters=self.F.iters, repeats=self.F.repeats, device=self.device)
+
+    def _use(self, transport: str, group=None) -> None:
+        use_dispatcher(self.model, make_dispatcher(
+            self.cfg, transport, max_capacity=self.max_tokens, device=self.device,
+            dtype=self.dtype, group=group, comm_stream=self.comm_stream))
+
+    def _runners(self, srv, context: int, sizes) -> dict:
+        from torch_impl.cuda_graph_runner import CudaGraphRunner
+
+        return {tbo: CudaGraphRunner(
+            self.model, srv.pool, srv.req_to_token, max_context_len=context,
+            padding_slot=srv.padding_slot, padding_req_row=srv.padding_req_row,
+            batch_sizes=sizes, tbo=tbo, make_attn_backend=attention_backend(self.F.attention))
+            for tbo in (True, False)}
+
+    def _replay(self, runner, srv, t):
+        batch = decode_batch(self.cfg, srv, t, device=self.device, seed=t)
+        key, _ = runner.prepare_replay(batch)
+        return runner._graphs[key]
+
+    def sweep(self, context: int, tokens: list, transports) -> list:
+        srv = serving(self.cfg, max(tokens), context, device=self.device, dtype=self.dtype)
+        initial = srv.pool.clone()
+        self._use("none")
+        runners = self._runners(srv, context, tokens)
+        silent = {t: (self._timed(self._replay(runners[True], srv, t)),
+                      self._timed(self._replay(runners[False], srv, t))) for t in tokens}
+        del runners
+        rows = []
+        for name in transports:
+            self._use(name)
+            runners = self._runners(srv, context, tokens)
+            for t in tokens:
+                row = self.row(name, runners, srv, initial, silent[t], t, context)
+                rows.append(row)
+            del runners
+        self.extras(srv, initial, silent, context, tokens, transports)
+        return rows
+
+    def row(self, name, runners, srv, initial, silent, t, context, knob=None) -> dict:
+        tbo_fn = self._replay(runners[True], srv, t)
+        plain_fn = self._replay(runners[False], srv, t)
+        tbo_ms, plain_ms = self._timed(tbo_fn), self._timed(plain_fn)
+        comm = graph_of(exchanges_only(self.model, t, 2, device=self.device,
+                                       dtype=self.dtype), self.device)
+        comm_ms = self._timed(comm)
+        compute_ms, compute_plain_ms = silent
+        shorter, longer = min(compute_ms, comm_ms), max(compute_ms, comm_ms)
+        srv.pool.k.copy_(initial.k)
+        srv.pool.v.copy_(initial.v)
+        self.logits[(context, name, t, knob)] = tbo_fn().logits.float().cpu()
+        return {"link": self.F.link, "context": context, "transport": name, "tokens": t,
+                "compute_ms": compute_ms, "compute_plain_ms": compute_plain_ms,
+                "comm_ms": comm_ms, "plain_ms": plain_ms, "tbo_ms": tbo_ms,
+                "hidden_fraction": (compute_ms + comm_ms - tbo_ms) / shorter,
+                "limit_ratio": tbo_ms / longer, "speedup": plain_ms / tbo_ms}
+
+    def digests(self) -> dict:
+        """Per ``context/T/transport``: a SHA-256 of the TBO step's logits (bytes), so that
+        runs in other processes (the other link) can be compared bit for bit."""
+        import hashlib
+
+        return {f"{c}/{t}/{name}": hashlib.sha256(v.numpy().tobytes()).hexdigest()
+                for (c, name, t, knob), v in self.logits.items() if knob is None}
+
+    def extras(self, srv, initial, silent, context, tokens, transports) -> None:
+        """The labelled extras at the main context: NCCL's SM trade (``--knobs``) and the
+        emulated slow link (``--emulated_link_us``); results go to ``self.knobs`` and
+        ``self.emulated``."""
+        import torch
+        import torch.distributed as dist
+
+        self.knobs, self.emulated = [], []
+        F, device = self.F, self.device
+        if device.type != "cuda" or context != F.context:
+            return
+        big = [t for t in (256, 1024) if t in tokens] or [max(tokens)]
+        if F.knobs and "all_to_all" in transports:
+            for max_ctas in (None, 4, 8, 16):
+                opts = dist.ProcessGroupNCCL.Options()
+                if max_ctas is not None:
+                    opts.config.max_ctas = max_ctas
+                group = dist.new_group(list(range(dist.get_world_size())), backend="nccl",
+                                       pg_options=opts)
+                for carveout in (0, 16, 32):
+                    torch._C._set_sm_carveout_experimental(carveout or None)
+                    self._use("all_to_all", group)
+                    runners = self._runners(srv, context, big)
+                    for t in big:
+                        knob = (max_ctas, carveout)
+                        row = self.row("all_to_all", runners, srv, initial, silent[t], t,
+                                       context, knob)
+                        same = torch.equal(self.logits[(context, "all_to_all", t, knob)],
+                                           self.logits[(context, "all_to_all", t, None)])
+                        self.knobs.append(row | {"max_ctas": max_ctas, "sm_carveout": carveout,
+                                                 "logits_equal_default": bool(same)})
+                    del runners
+                torch._C._set_sm_carveout_experimental(None)
+        if F.emulated_link_us and "copy_engine" in transports:
+            cycles_per_us = sleep_cycles_per_us(device)
+            for delay in (int(x) for x in F.emulated_link_us):
+                self._use("copy_engine")
+                d = self.model.dispatcher
+                d.transport = DelayedTransport(d.transport, int(delay * cycles_per_us))
+                runners = self._runners(srv, context, big)
+                for t in big:
+                    row = self.row(f"copy_engine + {delay} us/exchange (emulated)", runners,
+                                   srv, initial, silent[t], t, context, ("delay", delay))
+                    self.emulated.append(row | {"delay_us": delay})
+                del runners
+
+
+def worker(F) -> dict:
+    import torch
+
     from parity_tests.ep_parity import init_rank
-    from torch_impl.cuda_graph_runner import CudaGraphRunner
 
     rank, world, device = init_rank(F.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(world, F.layers, F.tiny)
     tokens = sorted(int(t) for t in F.tokens)
-    max_t = max(tokens)
-    result = {"rank": rank, "world_size": world, "decode": [], "knobs": [], "prefill": [],
+    long_tokens = sorted(int(t) for t in F.long_context_tokens) if F.long_context else []
+    max_t = max(tokens + long_tokens + [F.timeline_tokens])
+    transports = [t for t in F.transports if t in LINK_TRANSPORTS[F.link]]
+    result = {"rank": rank, "world_size": world, "link": F.link, "attention": F.attention,
+              "transports": transports, "decode": [], "knobs": [], "prefill": [],
               "emulated": [], "bitwise": {}}
     comm_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    first = make_dispatcher(cfg, "none", max_capacity=max_t, device=device, dtype=dtype,
-                            comm_stream=comm_stream)
-    model = build_model(cfg, first, device=device, dtype=dtype, seed=1 + rank)
-    srv = serving(cfg, max_t, CONTEXT, device=device, dtype=dtype)
-    initial = srv.pool.clone()
-
-    def runner(tbo, sizes):
-        return CudaGraphRunner(model, srv.pool, srv.req_to_token, max_context_len=CONTEXT,
-                               padding_slot=srv.padding_slot,
-                               padding_req_row=srv.padding_req_row, batch_sizes=sizes,
-                               tbo=tbo)
-
-    def replay_fn(r, t):
-        batch = decode_batch(cfg, srv, t, device=device, seed=t)
-        key, _ = r.prepare_replay(batch)
-        return r._graphs[key], key
-
-    def decode_row(name, tbo_runner, plain_runner, silent_tbo_ms, silent_plain_ms, t):
-        tbo_fn, key = replay_fn(tbo_runner, t)
-        plain_fn, _ = replay_fn(plain_runner, t)
-        tbo_ms = timed(tbo_fn, iters=F.iters, repeats=F.repeats, device=device)
-        plain_ms = timed(plain_fn, iters=F.iters, repeats=F.repeats, device=device)
-        comm = graph_of(exchanges_only(model, t, 2, device=device, dtype=dtype), device)
-        comm_ms = timed(comm, iters=F.iters, repeats=F.repeats, device=device)
-        compute_ms = silent_tbo_ms
-        shorter, longer = min(compute_ms, comm_ms), max(compute_ms, comm_ms)
-        srv.pool.k.copy_(initial.k)
-        srv.pool.v.copy_(initial.v)
-        srv_logits = tbo_fn().logits.float().cpu()
-        return {"transport": name, "tokens": t, "compute_ms": compute_ms,
-                "compute_plain_ms": silent_plain_ms, "comm_ms": comm_ms,
-                "plain_ms": plain_ms, "tbo_ms": tbo_ms,
-                "hidden_fraction": (compute_ms + comm_ms - tbo_ms) / shorter,
-                "limit_ratio": tbo_ms / longer, "speedup": plain_ms / tbo_ms}, srv_logits
-
-    # compute only: the silent transport
-    silent = {}
+    model = build_model(cfg, make_dispatcher(cfg, "none", max_capacity=max_t, device=device,
+                                             dtype=dtype, comm_stream=comm_stream),
+                        device=device, dtype=dtype, seed=1 + rank)
+    if device.type == "cuda":
+        result["link_bandwidth"] = link_bandwidth(device)
     if not F.timeline_only:
-        r_tbo, r_plain = runner(True, tokens), runner(False, tokens)
-        for t in tokens:
-            silent[t] = (timed(replay_fn(r_tbo, t)[0], iters=F.iters, repeats=F.repeats,
-                               device=device),
-                         timed(replay_fn(r_plain, t)[0], iters=F.iters, repeats=F.repeats,
-                               device=device))
-        del r_tbo, r_plain
-    logits = {}
-    for name in ([] if F.timeline_only else F.transports):
-        d = make_dispatcher(cfg, name, max_capacity=max_t, device=device, dtype=dtype,
-                            comm_stream=comm_stream)
-        use_dispatcher(model, d)
-        r_tbo, r_plain = runner(True, tokens), runner(False, tokens)
-        for t in tokens:
-            row, lg = decode_row(name, r_tbo, r_plain, *silent[t], t)
-            result["decode"].append(row)
-            logits[(name, t)] = lg
-        del r_tbo, r_plain
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
-    # the SM trade for NCCL
-    if F.knobs and not F.timeline_only and "all_to_all" in F.transports and device.type == "cuda":
-        knob_tokens = [t for t in (256, 1024) if t in tokens] or [max_t]
-        for max_ctas in (None, 4, 8, 16):
-            opts = dist.ProcessGroupNCCL.Options()
-            if max_ctas is not None:
-                opts.config.max_ctas = max_ctas
-            group = dist.new_group(list(range(world)), backend="nccl", pg_options=opts)
-            for carveout in (0, 16, 32):
-                torch._C._set_sm_carveout_experimental(carveout or None)
-                d = make_dispatcher(cfg, "all_to_all", max_capacity=max_t, device=device,
-                                    dtype=dtype, group=group, comm_stream=comm_stream)
-                use_dispatcher(model, d)
-                r_tbo, r_plain = runner(True, knob_tokens), runner(False, knob_tokens)
-                for t in knob_tokens:
-                    row, lg = decode_row("all_to_all", r_tbo, r_plain, *silent[t], t)
-                    row |= {"max_ctas": max_ctas, "sm_carveout": carveout,
-                            "logits_equal_default": bool(torch.equal(lg, logits[("all_to_all",
-                                                                                 t)]))}
-                    result["knobs"].append(row)
-                del r_tbo, r_plain
-            torch._C._set_sm_carveout_experimental(None)
-    if logits:
-        for t in tokens:
-            got = [logits[(name, t)] for name in F.transports if (name, t) in logits]
-            result["bitwise"][str(t)] = all(torch.equal(got[0], g) for g in got)
-    # prefill (eager)
-    # the slow-link emulation (multi-node regime): clearly labelled, never the real numbers
-    if F.emulated_link_us and not F.timeline_only and device.type == "cuda":
-        cycles_per_us = sleep_cycles_per_us(device)
-        for delay in (int(x) for x in F.emulated_link_us):
-            d = make_dispatcher(cfg, "copy_engine", max_capacity=max_t, device=device,
-                                dtype=dtype, comm_stream=comm_stream)
-            d.transport = DelayedTransport(d.transport, int(delay * cycles_per_us))
-            use_dispatcher(model, d)
-            big = [t for t in (256, 1024) if t in tokens] or [max_t]
-            r_tbo, r_plain = runner(True, big), runner(False, big)
-            for t in big:
-                row, _ = decode_row(f"copy_engine + {delay} us/exchange (emulated)", r_tbo,
-                                    r_plain, *silent[t], t)
-                result["emulated"].append(row | {"delay_us": delay})
-            del r_tbo, r_plain
-    if F.prefill_tokens and not F.timeline_only:
-        del srv
-        result["prefill"] = prefill_rows(F, cfg, model, [int(x) for x in F.prefill_tokens],
-                                         device, dtype, comm_stream)
-    # the timeline step
-    if F.timeline_tokens:
+        sweep = DecodeSweep(F, cfg, model, device=device, dtype=dtype,
+                            comm_stream=comm_stream, max_tokens=max_t)
+        result["decode"] = sweep.sweep(F.context, tokens, transports)
+        result["knobs"], result["emulated"] = sweep.knobs, sweep.emulated
+        if long_tokens:
+            result["decode"] += sweep.sweep(F.long_context, long_tokens, transports)
+        result["digests"] = sweep.digests()
+        if F.prefill_tokens:
+            result["prefill"] = prefill_rows(F, cfg, model, [int(x) for x in F.prefill_tokens],
+                                             device, dtype, comm_stream, transports)
+    if F.timeline_tokens and (F.timeline_only or F.link == F.timeline_link):
         result["timeline"] = record_timeline(F, cfg, model, device, dtype, comm_stream)
+        if device.type == "cuda" and not F.timeline_only:
+            result["graph_timeline"] = record_graph_timeline(F, cfg, model, device, dtype,
+                                                             comm_stream)
     return result
 
 
-def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream) -> list:
-    """One eager EXTEND step per size in ``totals`` (tokens per rank), plain and TBO, for the
-    silent transport (compute only) and each measured transport."""
+def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream, transports) -> list:
+    """One eager EXTEND step per size in ``totals`` (tokens per rank, in fresh sequences of
+    ``--prefill_seq_len``), plain and TBO, for the silent transport (compute only) and each
+    measured transport."""
     from torch_impl.attention import TboAttnBackend
     from torch_impl.batch_splitter import TboForwardBatchPreparer
     from torch_impl.expert_parallel import agree_ep_step
 
     rows = []
+    make_backend = attention_backend(F.attention)
     for total in totals:
-        # Sequences of PREFILL_LENGTH tokens: the reference attention gathers each token's
-        # whole context ([T, length, heads, dim]); long sequences would time the attention.
-        seqs, length = max(1, total // PREFILL_LENGTH), min(total, PREFILL_LENGTH)
+        length = min(total, F.prefill_seq_len)
+        seqs = max(1, total // length)
         srv = serving(cfg, seqs, length, device=device, dtype=dtype)
-        for name in ["none"] + list(F.transports):
+        for name in ["none"] + list(transports):
             use_dispatcher(model, make_dispatcher(cfg, name, max_capacity=total,
                                                   device=device, dtype=dtype,
                                                   comm_stream=comm_stream))
@@ -534,13 +657,15 @@ def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream) -> list:
                 step = agree_ep_step(batch, micro_batches=2 if tbo else 1)
 
                 def fn(batch=batch, step=step):
-                    backend = TboAttnBackend()
+                    backend = TboAttnBackend(make_backend)
                     backend.init_forward_metadata(batch)
                     return model(batch, backend, ep_step=step)
 
-                times[tbo] = timed(fn, iters=1, repeats=max(3, F.repeats // 2), device=device)
-            rows.append({"transport": name, "tokens": total, "plain_ms": times[False],
-                         "tbo_ms": times[True], "speedup": times[False] / times[True]})
+                times[tbo] = timed(fn, iters=1, repeats=max(3, F.repeats), device=device)
+            rows.append({"link": F.link, "transport": name, "tokens": total,
+                         "seq_len": length, "plain_ms": times[False], "tbo_ms": times[True],
+                         "speedup": times[False] / times[True]})
+        del srv
     return rows
 
 
@@ -554,27 +679,59 @@ class HostEvent:
         return (other.t - self.t) * 1e3
 
 
+def _stage_names() -> list:
+    from torch_impl.model import LAYOUTS
+
+    return [stage.split() for stage in LAYOUTS["decode"].split("|")][:-1]  # trailing "|"
+
+
+def _with_markers(model, marker) -> tuple:
+    """The decode operations with ``marker(index, where)`` around every stage."""
+    from torch_impl.forward_mode import ForwardMode
+    from torch_impl.operations import YieldOperation, split_stages
+
+    ops, delta = model.operations(ForwardMode.DECODE)
+    wrapped = []
+    for index, stage in enumerate(split_stages(ops)):  # each stage between two markers
+        wrapped += [marker(index, "start"), *stage, marker(index, "end"), YieldOperation()]
+    return wrapped, delta
+
+
+def _timeline_step(F, cfg, model, device, dtype, comm_stream, operations):
+    """(step(), dispatcher): one eager TBO decode step of ``--timeline_tokens`` at
+    ``--context`` through ``operations``."""
+    from torch_impl.attention import TboAttnBackend
+    from torch_impl.batch_splitter import TboForwardBatchPreparer
+    from torch_impl.expert_parallel import agree_ep_step
+    from torch_impl.overlap import model_forward_maybe_tbo
+
+    t = F.timeline_tokens
+    context = F.context
+    srv = serving(cfg, t, context, device=device, dtype=dtype)
+    d = make_dispatcher(cfg, F.timeline_transport, max_capacity=t, device=device, dtype=dtype,
+                        comm_stream=comm_stream)
+    use_dispatcher(model, d)
+    batch = TboForwardBatchPreparer().prepare(decode_batch(cfg, srv, t, device=device))
+    ep_step = agree_ep_step(batch, micro_batches=2)
+    backend = TboAttnBackend(attention_backend(F.attention))
+    delta = operations[1]
+
+    def step():
+        backend.init_forward_metadata(batch, width=context)
+        hidden = model.embed[batch.input_ids]
+        return model_forward_maybe_tbo(operations[0], delta, batch, hidden,
+                                       attn_backend=backend, ep_capacity=ep_step.capacity)
+
+    return step, d
+
+
 def record_timeline(F, cfg, model, device, dtype, comm_stream) -> list:
     """One eager TBO decode step with timing events around every stage (compute stream) and
     every exchange (communication stream): a list of interval dicts (parity_tests/timeline)."""
     import torch
 
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.expert_parallel import agree_ep_step
-    from torch_impl.forward_mode import ForwardMode
-    from torch_impl.model import LAYOUTS
-    from torch_impl.operations import YieldOperation, split_stages
-    from torch_impl.overlap import model_forward_maybe_tbo
-
-    t = F.timeline_tokens
-    srv = serving(cfg, t, CONTEXT, device=device, dtype=dtype)
-    d = make_dispatcher(cfg, F.timeline_transport, max_capacity=t, device=device, dtype=dtype,
-                        comm_stream=comm_stream)
-    use_dispatcher(model, d)
-    names = [stage.split() for stage in LAYOUTS["decode"].split("|")][:-1]  # trailing "|"
+    names = _stage_names()
     marks = []
-
     new_event = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" \
         else HostEvent
 
@@ -585,32 +742,24 @@ def record_timeline(F, cfg, model, device, dtype, comm_stream) -> list:
             marks.append((state.micro_batch, index, where, event))
         return op
 
-    ops, delta = model.operations(ForwardMode.DECODE)
-    wrapped = []
-    for index, stage in enumerate(split_stages(ops)):  # each stage between two markers
-        wrapped += [marker(index, "start"), *stage, marker(index, "end"), YieldOperation()]
+    step, d = _timeline_step(F, cfg, model, device, dtype, comm_stream,
+                             _with_markers(model, marker))
 
-    def step(trace):
-        batch = TboForwardBatchPreparer().prepare(decode_batch(cfg, srv, t, device=device))
-        ep_step = agree_ep_step(batch, micro_batches=2)
-        backend = TboAttnBackend()
-        backend.init_forward_metadata(batch)
+    def traced(trace):
         d.trace = trace
         marks.clear()
-        hidden = model.embed[batch.input_ids]
         start = new_event()
         start.record()
-        model_forward_maybe_tbo(wrapped, delta, batch, hidden, attn_backend=backend,
-                                ep_capacity=ep_step.capacity)
+        step()
         d.trace = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return start
 
     for _ in range(3):
-        step(None)
+        traced(None)
     trace = []
-    start = step(trace)
+    start = traced(trace)
     intervals = []
     opened = {}
     for mb, index, where, event in marks:
@@ -630,28 +779,171 @@ def record_timeline(F, cfg, model, device, dtype, comm_stream) -> list:
     return intervals
 
 
+MARKER_KERNEL = "spin"  # torch.cuda._sleep's kernel: the stage marker inside a graph
+
+
+def record_graph_timeline(F, cfg, model, device, dtype, comm_stream) -> dict:
+    """One TBO decode step captured as a CUDA graph and replayed under ``torch.profiler``:
+    kernel timestamps per stream, as the GPU ran them.
+
+    A graph holds no timing events, so each stage starts with a marker kernel (a
+    ``torch.cuda._sleep`` of one cycle, a microsecond or two) whose (micro-batch, stage) the
+    capture notes in order; the exchanges' order is noted the same way. In the trace, the
+    compute stream is the one that ran the markers: stage k spans from its marker to the last
+    kernel before the next marker. Each NCCL kernel is one exchange, in capture order.
+    Returns the intervals (parity_tests/timeline) and the replayed step's time."""
+    import json as _json
+    import tempfile
+
+    import torch
+
+    names = _stage_names()
+    stages, exchanges = [], []
+
+    def marker(index, where):
+        def op(state):
+            if where == "start":
+                stages.append((state.micro_batch, index))
+                torch.cuda._sleep(1)
+        return op
+
+    step, d = _timeline_step(F, cfg, model, device, dtype, comm_stream,
+                             _with_markers(model, marker))
+    real_traced = d._traced
+
+    def noting(fn, label, micro_batch):
+        exchanges.append((label, micro_batch))
+        return real_traced(fn, label, micro_batch)
+
+    for _ in range(2):  # warm-up runs, then the capture
+        step()
+    torch.cuda.synchronize(device)
+    d._traced = noting
+    stages.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    d._traced = real_traced
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize(device)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = _json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    return graph_intervals(kernels, stages, exchanges, names)
+
+
+def graph_intervals(kernels, stages, exchanges, names) -> dict:
+    """Intervals from a replay's kernels (chrome-trace dicts with ``name``, ``ts``, ``dur``
+    in microseconds and ``args.stream``), the capture's stage order and exchange order."""
+    markers = [k for k in kernels if MARKER_KERNEL in k["name"]]
+    if len(markers) != len(stages):
+        return {"error": f"{len(markers)} marker kernels for {len(stages)} stages"}
+    compute = markers[0]["args"]["stream"]
+    t0 = kernels[0]["ts"]
+    ms = lambda us: (us - t0) / 1e3  # noqa: E731
+    on_compute = [k for k in kernels if k["args"]["stream"] == compute]
+    intervals = []
+    bounds = [m["ts"] for m in markers] + [float("inf")]
+    for (mb, index), begin, end in zip(stages, bounds, bounds[1:]):
+        body = [k for k in on_compute if begin <= k["ts"] < end
+                and MARKER_KERNEL not in k["name"]]
+        if body:
+            intervals.append({"lane": "compute", "micro_batch": "ab"[mb],
+                              "label": f"{'ab'[mb]}{index}: " + " ".join(names[index % len(names)]),
+                              "start_ms": ms(body[0]["ts"]),
+                              "end_ms": ms(max(k["ts"] + k["dur"] for k in body))})
+    nccl = [k for k in kernels if "nccl" in k["name"].lower()]
+    if len(nccl) == len(exchanges):
+        for (label, mb), k in zip(exchanges, nccl):
+            intervals.append({"lane": "comm", "micro_batch": "ab"[mb], "label": label,
+                              "start_ms": ms(k["ts"]), "end_ms": ms(k["ts"] + k["dur"])})
+    step_ms = ms(max(k["ts"] + k["dur"] for k in kernels))
+    return {"intervals": intervals, "step_ms": step_ms, "kernels": len(kernels),
+            "nccl_kernels": len(nccl), "exchanges": len(exchanges)}
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
 def crossover(rows: list) -> dict:
-    """Per transport: the smallest measured T from which TBO is faster at every larger T."""
+    """Per ``link/context/transport``: the smallest measured T from which TBO is faster at
+    every larger measured T (None: it never is)."""
     out = {}
-    for name in sorted({r["transport"] for r in rows}):
-        mine = sorted((r for r in rows if r["transport"] == name), key=lambda r: r["tokens"])
+    for key in sorted({(r["link"], r["context"], r["transport"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["link"], r["context"], r["transport"]) == key),
+                      key=lambda r: r["tokens"])
         wins = [r["speedup"] > 1.0 for r in mine]
-        first = None
-        for i in range(len(mine)):
-            if all(wins[i:]):
-                first = mine[i]["tokens"]
-                break
-        out[name] = first
+        first = next((mine[i]["tokens"] for i in range(len(mine)) if all(wins[i:])), None)
+        out["/".join(map(str, key))] = first
     return out
 
 
+def bitwise(digests: dict) -> dict:
+    """Per ``context/T``: whether the TBO logits are bit for bit the same for every transport
+    on every link measured (from each run's digests)."""
+    seen = {}
+    for per_link in digests.values():
+        for key, digest in per_link.items():
+            seen.setdefault(key.rsplit("/", 1)[0], set()).add(digest)
+    return {key: len(found) == 1 for key, found in sorted(seen.items())}
+
+
+def _target(name: str, rows: list, test, describe) -> dict:
+    """A target: met when every row it applies to passes ``test``; the rows' figures."""
+    return {"target": name, "rows": len(rows), "met": all(map(test, rows)) if rows else None,
+            "figures": [describe(r) for r in rows]}
+
+
+def targets(report: dict) -> list:
+    """The issue's targets, each met or missed, with the figures it was judged on."""
+    decode = [r for r in report["decode"] if r["link"] == "network" and r["tokens"] >= 256]
+    prefill = report["prefill"]
+
+    def speed(r):
+        return f"{r['link']} {r.get('context', '')} {r['transport']} T={r['tokens']}: " \
+               f"{r['speedup']:.2f}x"
+
+    return [
+        _target("network, decode graphs, T >= 256: TBO >= 1.25x plain", decode,
+                lambda r: r["speedup"] >= 1.25, speed),
+        _target("network, decode graphs, T >= 256: TBO <= 1.10x max(compute, comm)", decode,
+                lambda r: r["limit_ratio"] <= 1.10,
+                lambda r: f"{r['context']} T={r['tokens']}: {r['limit_ratio']:.2f}"),
+        _target("network, decode graphs, T >= 256: hidden fraction >= 0.8", decode,
+                lambda r: r["hidden_fraction"] >= 0.8,
+                lambda r: f"{r['context']} T={r['tokens']}: {r['hidden_fraction']:.2f}"),
+        _target("network, prefill, T >= 4096: TBO >= 1.25x plain",
+                [r for r in prefill if r["link"] == "network" and r["transport"] != "none"
+                 and r["tokens"] >= 4096], lambda r: r["speedup"] >= 1.25, speed),
+        _target("nvlink, prefill, T >= 4096: TBO no slower than plain",
+                [r for r in prefill if r["link"] == "nvlink" and r["transport"] != "none"
+                 and r["tokens"] >= 4096], lambda r: r["speedup"] >= 1.0, speed),
+        _target("prefill compute only (no transport), T >= 1024: TBO <= 1.10x plain",
+                [r for r in prefill if r["transport"] == "none" and r["tokens"] >= 1024],
+                lambda r: r["tbo_ms"] <= 1.10 * r["plain_ms"],
+                lambda r: f"{r['link']} T={r['tokens']}: "
+                          f"{r['tbo_ms'] / r['plain_ms']:.2f}x"),
+        _target("logits bit for bit equal across transports and links", [
+            {"key": k, "equal": v} for k, v in report["bitwise"].items()],
+            lambda r: r["equal"], lambda r: f"{r['key']}: {r['equal']}"),
+    ]
+
+
 def _decode_line(r: dict) -> str:
-    return (f"| {r['transport']} | {r['tokens']} | {r['compute_ms']:.3f} | {r['comm_ms']:.3f} | "
-            f"{r['plain_ms']:.3f} | {r['tbo_ms']:.3f} | {r['hidden_fraction']:.2f} | "
-            f"{r['limit_ratio']:.2f} | {r['speedup']:.2f} |")
+    return (f"| {r['link']} | {r['context']} | {r['transport']} | {r['tokens']} | "
+            f"{r['compute_ms']:.3f} | {r['comm_ms']:.3f} | {r['plain_ms']:.3f} | "
+            f"{r['tbo_ms']:.3f} | {r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
+            f"{r['speedup']:.2f} |")
+
+
+DECODE_HEADER = ["| link | context | transport | tokens/rank | compute ms | comm ms | plain ms "
+                 "| TBO ms | hidden fraction | TBO / max(compute, comm) | plain / TBO |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def markdown(report: dict) -> str:
@@ -664,87 +956,123 @@ def markdown(report: dict) -> str:
         "`benchmarks/overlap.py`; every figure is a median (see its docstring). Model: "
         f"DeepSeek-V3 MoE slice, hidden {HIDDEN}, top-{TOP_K} of {EXPERTS_PER_RANK} experts "
         f"per rank, expert intermediate {INTERMEDIATE}, one shared expert, {env['layers']} "
-        "layers, bfloat16, decode in CUDA graphs.",
+        f"layers, {HEADS} heads of {HEAD_DIM}, bfloat16, `{env['attention']}` attention; "
+        f"decode in CUDA graphs at {env['context']} (and {env['long_context']}) cached tokens "
+        f"per sequence; prefill eager, fresh sequences of {env['prefill_seq_len']} tokens. "
+        "Expert layout: today's fixed-capacity layout (every local expert computes and every "
+        "exchange moves all `N*C` rows of its block).",
         "",
-        "## Decode (CUDA graphs), per transport and tokens per rank",
-        "",
-        "| transport | tokens/rank | compute ms | comm ms | plain ms | TBO ms | hidden fraction "
-        "| TBO / max(compute, comm) | plain / TBO |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        "## The links", "",
+        "| link | all_to_all of 64 MB per rank, ms | GB/s leaving each GPU |", "|---|---|---|"]
+    for link, bw in report["link_bandwidth"].items():
+        if bw:
+            lines.append(f"| {link} | {bw['ms']:.3f} | {bw['gb_per_s']:.1f} |")
+    lines += ["", "## Decode (CUDA graphs)", ""] + DECODE_HEADER
     lines += [_decode_line(r) for r in report["decode"]]
-    if report["knobs"]:
-        lines += ["", "## NCCL's SM trade (all_to_all)", "",
-                  "| max_ctas | cuBLAS SM carve-out | tokens/rank | comm ms | TBO ms | hidden "
-                  "fraction | TBO / max | plain / TBO | logits unchanged |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["knobs"]:
-            lines.append(f"| {r['max_ctas'] or 'default'} | {r['sm_carveout']} | {r['tokens']} "
-                         f"| {r['comm_ms']:.3f} | {r['tbo_ms']:.3f} | "
-                         f"{r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
-                         f"{r['speedup']:.2f} | {r['logits_equal_default']} |")
     if report["prefill"]:
         lines += ["", "## Prefill (eager, EXTEND)", "",
-                  "| transport | tokens/rank | plain ms | TBO ms | plain / TBO |",
-                  "|---|---|---|---|---|"]
+                  "`none` is a transport that moves nothing: the compute alone.", "",
+                  "| link | transport | tokens/rank | sequence length | plain ms | TBO ms | "
+                  "plain / TBO |", "|---|---|---|---|---|---|---|"]
         for r in report["prefill"]:
-            lines.append(f"| {r['transport']} | {r['tokens']} | {r['plain_ms']:.2f} | "
-                         f"{r['tbo_ms']:.2f} | {r['speedup']:.2f} |")
+            lines.append(f"| {r['link']} | {r['transport']} | {r['tokens']} | {r['seq_len']} | "
+                         f"{r['plain_ms']:.2f} | {r['tbo_ms']:.2f} | {r['speedup']:.2f} |")
+    if report["knobs"]:
+        lines += ["", "## NCCL's SM trade (all_to_all)", "",
+                  "| link | max_ctas | cuBLAS SM carve-out | tokens/rank | comm ms | TBO ms | "
+                  "hidden fraction | TBO / max | plain / TBO | logits unchanged |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["knobs"]:
+            lines.append(f"| {r['link']} | {r['max_ctas'] or 'default'} | {r['sm_carveout']} "
+                         f"| {r['tokens']} | {r['comm_ms']:.3f} | {r['tbo_ms']:.3f} | "
+                         f"{r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
+                         f"{r['speedup']:.2f} | {r['logits_equal_default']} |")
     if report.get("emulated"):
         lines += ["", "## Emulated slow link (NOT a measurement of a real link)", "",
                   "copy_engine plus a spin of the stated length on the communication stream "
-                  "after every send: the regime where communication costs about as much as "
-                  "compute (across hosts).", "",
-                  "| transport | tokens/rank | compute ms | comm ms | plain ms | TBO ms | hidden "
-                  "fraction | TBO / max | plain / TBO |", "|---|---|---|---|---|---|---|---|---|"]
+                  "after every send.", ""] + DECODE_HEADER
         lines += [_decode_line(r) for r in report["emulated"]]
+    graph = report.get("graph_timeline")
+    if graph:
+        lines += ["", "## One replayed TBO decode step (torch.profiler)", "",
+                  f"- {graph['link']}: {graph.get('step_ms', float('nan')):.3f} ms, "
+                  f"{graph.get('kernels')} kernels, {graph.get('nccl_kernels')} NCCL kernels "
+                  f"for {graph.get('exchanges')} exchanges"
+                  + (f"; {graph['error']}" if graph.get("error") else "")]
     lines += ["", "## Crossover and bit-identity", "",
-              f"- TBO wins from (tokens per rank, decode): {report['crossover']}",
-              f"- Logits bit for bit equal across transports, per token count: "
-              f"{report['bitwise']}"]
+              f"- TBO wins from (tokens per rank, decode, link/context/transport): "
+              f"{report['crossover']}",
+              f"- Logits bit for bit equal across transports and links (context/tokens): "
+              f"{report['bitwise']}", "", "## Targets", "",
+              "| target | met | figures |", "|---|---|---|"]
+    for t in report["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {verdict} | "
+                     f"{'; '.join(t['figures']) or 'not measured'} |")
     return "\n".join(lines) + "\n"
+
+
+def _write_rank(F, result) -> None:
+    import torch
+    import torch.distributed as dist
+
+    path = os.path.join(F.out_dir, f"overlap-{F.link}-rank{result['rank']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f)
+    if F.device == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _env(F) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"date": datetime.date.today().isoformat(), "world_size": F.nproc,
+            "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            "commit": F.commit, "layers": F.layers, "attention": F.attention,
+            "context": F.context, "long_context": F.long_context,
+            "prefill_seq_len": F.prefill_seq_len}
 
 
 def main(argv) -> int:
     F = _flags()
     F(argv)
     if "RANK" in os.environ:  # a rank (launched below, or by torchrun)
-        result = worker(F)
-        import torch
-        import torch.distributed as dist
-
-        path = os.path.join(F.out_dir, f"overlap-rank{result['rank']}.json")
-        with open(path, "w") as f:
-            json.dump(result, f)
-        if F.device == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        dist.destroy_process_group()
+        _write_rank(F, worker(F))
         return 0
     from parity_tests.ep_parity import launch
 
+    unknown = sorted(set(F.links) - set(LINKS))
+    if unknown:
+        raise SystemExit(f"overlap: --links must be of {sorted(LINKS)}, got {unknown}")
     os.makedirs(F.out_dir, exist_ok=True)
-    passthrough = [a for a in argv[1:] if not a.startswith("--nproc")]
-    launch(F.nproc, F.out_dir, passthrough, timeout_s=540, module="benchmarks.overlap",
-           report_glob="overlap-rank{rank}.json")
-    with open(os.path.join(F.out_dir, "overlap-rank0.json")) as f:
-        rank0 = json.load(f)
-    import torch
-
-    report = {
-        "env": {"date": datetime.date.today().isoformat(), "world_size": F.nproc,
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "torch": torch.__version__, "cuda": torch.version.cuda,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version()))
-                if torch.cuda.is_available() else None,
-                "commit": F.commit, "layers": F.layers},
-        "decode": rank0["decode"], "knobs": rank0["knobs"], "prefill": rank0["prefill"],
-        "emulated": rank0["emulated"], "bitwise": rank0["bitwise"],
-        "crossover": crossover(rank0["decode"]),
-    }
-    if rank0.get("timeline"):
-        with open(os.path.join(F.out_dir, "timeline.json"), "w") as f:
-            json.dump(rank0["timeline"], f, indent=1)
+    passthrough = [a for a in argv[1:] if not a.startswith(("--nproc", "--link="))]
+    ranks0 = {}
+    for link in F.links:  # one launch per link: NCCL reads its settings at start
+        launch(F.nproc, F.out_dir, passthrough + [f"--link={link}"], env=LINKS[link],
+               timeout_s=570, module="benchmarks.overlap",
+               report_glob=f"overlap-{link}-rank{{rank}}.json")
+        with open(os.path.join(F.out_dir, f"overlap-{link}-rank0.json")) as f:
+            ranks0[link] = json.load(f)
+    report = {"env": _env(F)}
+    for key in ("decode", "knobs", "prefill", "emulated"):
+        report[key] = [row for r in ranks0.values() for row in r[key]]
+    report["bitwise"] = bitwise({link: r.get("digests", {}) for link, r in ranks0.items()})
+    report["link_bandwidth"] = {link: r.get("link_bandwidth") for link, r in ranks0.items()}
+    report["crossover"] = crossover(report["decode"])
+    for link, r in ranks0.items():
+        if r.get("timeline"):
+            with open(os.path.join(F.out_dir, "timeline.json"), "w") as f:
+                json.dump(r["timeline"], f, indent=1)
+        if r.get("graph_timeline"):
+            report["graph_timeline"] = {"link": link} | r["graph_timeline"]
+            with open(os.path.join(F.out_dir, "timeline-graph.json"), "w") as f:
+                json.dump(r["graph_timeline"].get("intervals", []), f, indent=1)
+    report["targets"] = targets(report)
     if not F.timeline_only:
         with open(os.path.join(F.out_dir, "overlap-benchmark.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -453,8 +453,8 @@ def run_timeline(nproc: int, device: str, tokens: int, transport: str, out: str)
         args += ["--tiny", "--timeline_transport=all_to_all", "--transports=all_to_all"]
     with tempfile.TemporaryDirectory() as tmp:
         ep_parity.launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S, module="benchmarks.overlap",
-                         report_glob="overlap-rank{rank}.json")
-        with open(os.path.join(tmp, "overlap-rank0.json")) as f:
+                         report_glob="overlap-nvlink-rank{rank}.json")
+        with open(os.path.join(tmp, "overlap-nvlink-rank0.json")) as f:
             recorded = json.load(f)["timeline"]
     intervals = intervals_from_json(recorded)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

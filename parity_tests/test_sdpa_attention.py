@@ -72,13 +72,22 @@ def test_sdpa_equals_reference_bfloat16(models, name, case, pad, tbo):
     assert max(errors.values()) <= BF16_BOUND, errors
 
 
+cuda = pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("device", ["cpu", cuda])
 @pytest.mark.parametrize("tbo", [False, True], ids=["plain", "tbo"])
 @pytest.mark.parametrize("scenario", ["decode", "verify-chain", "verify-tree"])
-def test_sdpa_through_the_graph_runner(tbo, scenario):
-    """The runner's static-buffer path with the SDPA backend (a CPU calls the captured forward
-    eagerly): a padded batch (5 in a graph of 8) and an exact one (8 in 8), each against the
-    runner's eager forward and the JAX spec."""
-    h = GraphHarness(device="cpu", tbo=tbo, max_bs=8, make_attn_backend=SdpaAttnBackend)
+def test_sdpa_through_the_graph_runner(tbo, scenario, device, dtype_name):
+    """The runner with the SDPA backend: a padded batch (5 in a graph of 8) and an exact one
+    (8 in 8), each against the runner's eager forward and the JAX spec, within
+    ``graph_parity.BOUNDS``. A CPU runs the static-buffer path and calls the captured forward
+    eagerly; a GPU replays real CUDA graphs, with the fused kernels inside them."""
+    h = GraphHarness(device=device, dtype_name=dtype_name, tbo=tbo, max_bs=8,
+                     make_attn_backend=SdpaAttnBackend)
     for size, seed in ((5, 1), (8, 2)):
         report = check_step(h, h.world(SCENARIOS[scenario], size, seed=seed))
         assert report["ok"] and report["graph_bs"] == 8, report
