@@ -175,3 +175,17 @@ def test_one_column_too_many_is_caught(models, monkeypatch):
     monkeypatch.setattr(attention, "_uniform_plan", one_more)
     errors, _, _ = _errors(models, "float32", mp.CASES["decode"], 0, False)
     assert errors["hidden"] > 100 * FLOAT32_BOUND, errors
+
+
+@pytest.mark.parametrize("device", [cuda])
+def test_sdpa_is_reproducible(device):
+    """The same step twice gives the same bits (the fused kernels are limited to those that
+    do; on an H200 cuDNN's attention does not)."""
+    ref_cfg, _, _, model = mp.make_models(0, dtype=torch.bfloat16, device=device)
+    for name in ("decode", "target-verify-tree", "extend-two-chunk-prefixed"):
+        world = _world(ref_cfg, mp.CASES[name], 0)
+        runs = [mp.run_torch(world, model, tbo=True, dtype=torch.bfloat16,
+                             make_backend=SdpaAttnBackend) for _ in range(3)]
+        for other in runs[1:]:
+            for key, value in runs[0].items():
+                np.testing.assert_array_equal(value, other[key], err_msg=f"{name} {key}")

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.kv_cache import KVPool
@@ -219,6 +220,14 @@ def _check_width(batch: ForwardBatch, width: int) -> None:
                          f"columns")
 
 
+# The fused kernels SdpaAttnBackend may use: each gives the same bits for the same inputs on
+# every run. cuDNN's attention is left out: on an H200 it decodes about twice as fast as the
+# memory-efficient kernel, but repeated calls on one input differ in the last bits
+# (docs/gpu-results.md), and a TBO step must be reproducible and equal across transports.
+REPRODUCIBLE_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH)
+
+
 class SdpaAttnBackend:
     """Attention through ``scaled_dot_product_attention`` over keys and values gathered per
     sequence (not per token) in the pool's dtype: the same rule as ``TorchAttnBackend``, in
@@ -255,9 +264,10 @@ class SdpaAttnBackend:
         else:
             grid = q.new_zeros(num_seqs, plan.rows, heads, dim)
             grid[plan.query_index] = q
-        out = F.scaled_dot_product_attention(  # [B, N, Q, D]
-            grid.transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
-            values.to(q.dtype).transpose(1, 2), attn_mask=plan.mask, is_causal=plan.causal)
+        with sdpa_kernel(list(REPRODUCIBLE_KERNELS)):
+            out = F.scaled_dot_product_attention(  # [B, N, Q, D]
+                grid.transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
+                values.to(q.dtype).transpose(1, 2), attn_mask=plan.mask, is_causal=plan.causal)
         out = out.transpose(1, 2)  # [B, Q, N, D]
         if plan.query_index is None:
             return out.reshape(tokens, heads, dim)
