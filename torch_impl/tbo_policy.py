@@ -3,31 +3,93 @@
 
 A threshold on the step's tokens per rank, one for the decode layout (DECODE, TARGET_VERIFY)
 and one for the prefill layout (EXTEND); ``None`` means never; IDLE never overlaps on its own
-account. The defaults are the crossover ``benchmarks/overlap.py`` measured on 2 x H200 for the
-project's DeepSeek-V3 MoE slice (docs/overlap-benchmark.md): decode from 1024 tokens per rank,
-prefill off (it lost at 1024 and 4096). Under data parallelism pass the largest rank's tokens,
-so that every rank decides alike, and feed the answer to ``compute_dp_tbo_decision``.
+account. The default thresholds are per link class (``link``, one of ``LINKS``), in
+``DEFAULT_THRESHOLDS``:
+
+- ``"nvlink"`` (the default): the GPUs of one host over NVLink. The crossover
+  ``benchmarks/overlap.py`` measured on 2 x H200 for the project's DeepSeek-V3 MoE slice
+  (docs/overlap-benchmark.md): decode from 1024 tokens per rank, prefill off (it lost at 1024
+  and 4096).
+- ``"network"``: one network-class link per GPU, some 25-50 GB/s per direction (a 400 Gb/s NIC,
+  or NCCL with peer-to-peer access off, through host memory: about 24 GB/s measured on 2 x
+  H200, against NVLink's 285): about twelve times slower, so more to hide and TBO pays from
+  fewer tokens. Decode from 256, prefill from 4096: PROVISIONAL, until the benchmark's network
+  link has been measured.
+
+A threshold passed explicitly (``None`` for never) overrides the link's default. Under data
+parallelism pass the largest rank's tokens, so that every rank decides alike, and feed the
+answer to ``compute_dp_tbo_decision``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import types
+from typing import Mapping, Optional
 
 from torch_impl.forward_mode import ForwardMode
-from torch_impl.split_rules import check_count, check_mode
-
-DECODE_MIN_TOKENS: Optional[int] = 1024
-PREFILL_MIN_TOKENS: Optional[int] = None
+from torch_impl.split_rules import check_count, check_mode, describe
 
 
 def _check_threshold(name: str, value) -> Optional[int]:
     return None if value is None else check_count(name, value, 1)
 
 
-def tbo_enabled(forward_mode, num_tokens, *, min_decode_tokens=DECODE_MIN_TOKENS,
-                min_prefill_tokens=PREFILL_MIN_TOKENS) -> bool:
-    """Whether a step of ``num_tokens`` tokens per rank runs two-batch overlap."""
+@dataclasses.dataclass(frozen=True)
+class LinkThresholds:
+    """A link's default thresholds in tokens per rank, inclusive; ``None``: never."""
+
+    min_decode_tokens: Optional[int]
+    min_prefill_tokens: Optional[int]
+
+    def __post_init__(self):
+        for field in ("min_decode_tokens", "min_prefill_tokens"):
+            object.__setattr__(self, field, _check_threshold(field, getattr(self, field)))
+
+
+# The default thresholds of each link class: the one place to change them.
+DEFAULT_THRESHOLDS: Mapping[str, LinkThresholds] = types.MappingProxyType({
+    # measured: the 2 x H200 crossover of docs/overlap-benchmark.md
+    "nvlink": LinkThresholds(min_decode_tokens=1024, min_prefill_tokens=None),
+    # PROVISIONAL: to be replaced by the crossover `benchmarks/overlap.py --links=network`
+    # measures (NCCL with peer-to-peer access off, through host memory).
+    "network": LinkThresholds(min_decode_tokens=256, min_prefill_tokens=4096),
+})
+LINKS = tuple(DEFAULT_THRESHOLDS)
+DEFAULT_LINK = "nvlink"
+DECODE_MIN_TOKENS: Optional[int] = DEFAULT_THRESHOLDS[DEFAULT_LINK].min_decode_tokens
+PREFILL_MIN_TOKENS: Optional[int] = DEFAULT_THRESHOLDS[DEFAULT_LINK].min_prefill_tokens
+
+
+class _LinkDefault:
+    """The default of a threshold argument: take the link's (``DEFAULT_THRESHOLDS``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<the link's default>"
+
+
+_LINK_DEFAULT = _LinkDefault()
+
+
+def link_thresholds(link) -> LinkThresholds:
+    """The default thresholds of ``link``, one of ``LINKS``."""
+    if not (isinstance(link, str) and link in DEFAULT_THRESHOLDS):
+        raise ValueError(f"link must be one of {LINKS}, got {describe(link)}")
+    return DEFAULT_THRESHOLDS[link]
+
+
+def tbo_enabled(forward_mode, num_tokens, *, link=DEFAULT_LINK, min_decode_tokens=_LINK_DEFAULT,
+                min_prefill_tokens=_LINK_DEFAULT) -> bool:
+    """Whether a step of ``num_tokens`` tokens per rank, over ``link``, runs two-batch overlap.
+    A threshold not passed is the link's default; ``None`` means never."""
+    defaults = link_thresholds(link)
     mode = check_mode(forward_mode)
+    if min_decode_tokens is _LINK_DEFAULT:
+        min_decode_tokens = defaults.min_decode_tokens
+    if min_prefill_tokens is _LINK_DEFAULT:
+        min_prefill_tokens = defaults.min_prefill_tokens
     decode = _check_threshold("min_decode_tokens", min_decode_tokens)
     prefill = _check_threshold("min_prefill_tokens", min_prefill_tokens)
     tokens = check_count("num_tokens", num_tokens)
