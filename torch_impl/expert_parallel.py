@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from torch_impl.forward_mode import strategy_for
+from torch_impl.moe import float32_operand
 
 
 def check_layout(num_experts: int, world_size: int) -> int:
@@ -77,13 +78,13 @@ def fill_send_buffer(rows: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.T
     """``rows`` (``send_views``) <- each pair's token at flat row ``e*C + t`` (that is
     ``send[e // L, e % L, t]``), zeros elsewhere. Padding pairs (id -1) go to the scratch row,
     so the shapes never depend on how many pairs are real."""
-    num_tokens, top_k = topk_ids.shape
     scratch = rows.shape[0] - 1
-    token = torch.arange(num_tokens, device=topk_ids.device).repeat_interleave(top_k)
-    ids = topk_ids.flatten()
-    index = torch.where(ids < 0, scratch, ids * capacity + token)
+    token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]  # [T, 1]
+    index = torch.where(topk_ids < 0, scratch, topk_ids * capacity + token)  # [T, K]
     rows.zero_()
-    rows.index_copy_(0, index, hidden[token])
+    # rows[index[t, k]] <- hidden[t]: the value [T, 1, H] broadcasts over k, so no [T*K, H]
+    # copy of the tokens is gathered first (a token's K pairs land in distinct rows)
+    rows.index_put_((index,), hidden[:, None])
 
 
 def expert_swiglu(recv: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -92,7 +93,7 @@ def expert_swiglu(recv: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     batched matrix products over each expert's whole row block -> ``[L, R, H]``. The activation
     runs in float32 and is rounded once, as in ``moe.swiglu``."""
     g = torch.bmm(recv, gate).float()
-    u = torch.bmm(recv, up).float()
+    u = float32_operand(torch.bmm(recv, up))
     return torch.bmm((F.silu(g) * u).to(recv.dtype), down)
 
 
@@ -101,11 +102,10 @@ def combine_from_back(back: torch.Tensor, topk_weights: torch.Tensor,
     """``back [E, C, H]`` -> ``[T, H]`` float32: ``sum_k w[t, k] * back[ids[t, k], t]`` in k
     order (the order ``LocalDispatcher`` sums in). Padding pairs read row 0 with weight 0."""
     e, c, h = back.shape
-    num_tokens, top_k = topk_ids.shape
-    token = torch.arange(num_tokens, device=topk_ids.device)[:, None]
+    token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
     rows = torch.where(topk_ids < 0, 0, topk_ids * c + token)  # [T, K]
-    picked = back.view(e * c, h)[rows.flatten()].view(num_tokens, top_k, h)
-    return (picked.float() * topk_weights[:, :, None]).sum(dim=1)
+    picked = back.view(e * c, h)[rows]  # [T, K, H]
+    return (float32_operand(picked) * topk_weights[:, :, None]).sum(dim=1)
 
 
 # --- transports ------------------------------------------------------------------------------

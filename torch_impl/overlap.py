@@ -12,6 +12,7 @@ import torch
 
 from torch_impl.attention import TboAttnBackend
 from torch_impl.forward_batch import ForwardBatch
+from torch_impl.moe import ExpertLoad
 from torch_impl.operations import State, execute_operations, execute_overlapped_operations
 
 
@@ -21,25 +22,27 @@ def _state(batch: ForwardBatch, backend, hidden, residual, micro_batch: int = 0,
     buffers; ``ep_capacity`` is the step's expert-parallel capacity (None: the micro-batch's
     own token count, valid where every rank's micro-batch has the same shape, as in a graph)."""
     return State(hidden_states=hidden, residual=residual, forward_batch=batch,
-                 attn_backend=backend, expert_load=[], micro_batch=micro_batch,
+                 attn_backend=backend, expert_load=ExpertLoad(), micro_batch=micro_batch,
                  ep_capacity=hidden.shape[0] if ep_capacity is None else ep_capacity)
 
 
 def _outputs(states: list) -> tuple:
-    """Concatenate hidden states and residuals in token order; sum expert loads (an empty
-    micro-batch adds no rows and no load)."""
+    """Concatenate hidden states and residuals in token order; count expert loads over all
+    micro-batches (an empty micro-batch adds no rows and no load)."""
     real = [s for s in states if s.forward_batch is not None]
-    hidden = torch.cat([s.hidden_states for s in real])
-    residual = torch.cat([s.residual for s in real])
-    load = sum(torch.stack(s.expert_load) for s in states)
-    return hidden, residual, load
+    if len(real) == 1:  # the plain path: a concatenation of one would only copy
+        hidden, residual = real[0].hidden_states, real[0].residual
+    else:
+        hidden = torch.cat([s.hidden_states for s in real])
+        residual = torch.cat([s.residual for s in real])
+    return hidden, residual, ExpertLoad.total([s.expert_load for s in states])
 
 
 def idle_state(hidden_size: int, dtype, device, micro_batch: int, ep_capacity: int) -> State:
     """An empty micro-batch: no tokens, but it takes part in every exchange of the step (an
     expert-parallel rank with nothing to send still receives and computes for its peers)."""
     return State(mlp_input=torch.empty(0, hidden_size, dtype=dtype, device=device),
-                 expert_load=[], micro_batch=micro_batch, ep_capacity=ep_capacity,
+                 expert_load=ExpertLoad(), micro_batch=micro_batch, ep_capacity=ep_capacity,
                  forward_batch=None)
 
 
