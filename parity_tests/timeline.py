@@ -183,6 +183,7 @@ def draw_timeline(intervals, path, *, title: str = "TBO decode step"):
     ax.set_xlabel("time since step start (ms)")
     px_per_ms = fig.get_figwidth() * fig.dpi * 0.89 / span
     row, rows = _pack_rows(intervals)
+    named_until = -math.inf  # where the last stage name drawn ends (pixels): names never overlap
     for i, iv in enumerate(intervals):
         height = 0.7 / rows[iv.lane]  # a lane's rows share its 0.7-high band, first row on top
         y = len(LANES) - 1 - LANES.index(iv.lane) + 0.35 - height * (row[i] + 0.5)
@@ -194,7 +195,9 @@ def draw_timeline(intervals, path, *, title: str = "TBO decode step"):
         name = stage_name(iv)
         if name is not None:
             ax.axvline(x, color="black", linestyle=":", linewidth=0.8, gid="stage")
-            ax.text(x, len(LANES) - 0.4, f" {name}", ha="left", va="bottom", fontsize=7)
+            if x * px_per_ms >= named_until:  # else skipped: the line still marks the stage
+                ax.text(x, len(LANES) - 0.4, f" {name}", ha="left", va="bottom", fontsize=7)
+                named_until = x * px_per_ms + 6 * (len(name) + 1) + 2
     present = [mb for mb in MICRO_BATCHES if any(iv.micro_batch == mb for iv in intervals)]
     handles = [Patch(facecolor=COLORS[mb], edgecolor="black",
                      label="plain" if mb == "plain" else f"micro-batch {mb.upper()}")
