@@ -10,16 +10,16 @@ its own account (under data parallelism an idle rank follows the others).
 How much there is to hide depends on the link the expert-parallel exchange crosses, so the
 default thresholds are per link class (``link``, one of ``LINKS``), in ``DEFAULT_THRESHOLDS``:
 
-- ``"nvlink"`` (the default): the GPUs of one host over NVLink, about 285 GB/s per direction
-  measured between 2 H200s. Its defaults are the crossover measured by
-  ``benchmarks/overlap.py`` on 2 x H200 for this project's DeepSeek-V3 MoE slice
-  (docs/overlap-benchmark.md): decode gained only from 1024 tokens per rank (of 32 to 1024,
-  with either transport); prefill lost at 1024 and at 4096 tokens per rank, so it stays off.
-- ``"network"``: one network-class link per GPU, some 25-50 GB/s per direction (a 400 Gb/s NIC,
-  or NCCL with peer-to-peer access off, through host memory: about 24 GB/s measured between
-  the same H200s, some twelve times slower than NVLink). For the same compute there is much
-  more exchange to hide, so TBO pays from fewer tokens. Its defaults (decode from 256,
-  prefill from 4096) are PROVISIONAL, until the benchmark's network link has been measured.
+- ``"nvlink"`` (the default): the GPUs of one host over NVLink, about 204 GB/s leaving each
+  GPU in an all-to-all between 2 H200s. The defaults are the crossovers
+  ``benchmarks/overlap.py`` measured there for this project's DeepSeek-V3 MoE slice at decode
+  contexts of 2048 and 8192 (docs/overlap-benchmark.md): decode gained only at 1024 tokens per
+  rank (copy engines; NCCL never did), prefill only at 16384 (it lost at 1024 and 4096).
+- ``"network"``: one network-class link per GPU (a 400 Gb/s NIC, or NCCL with peer-to-peer
+  access off, through host memory: about 23 GB/s measured between the same H200s, nine
+  times slower than NVLink). For the same compute there is much more exchange to hide, so
+  TBO pays from fewer tokens: measured, decode from 128 tokens per rank (it lost at 32),
+  prefill from 1024.
 
 A threshold passed explicitly (``min_decode_tokens``, ``min_prefill_tokens``; ``None`` for
 never) overrides the link's default; a different model or card moves the crossover too:
@@ -61,11 +61,9 @@ class LinkThresholds:
 
 # The default thresholds of each link class: the one place to change them.
 DEFAULT_THRESHOLDS: Mapping[str, LinkThresholds] = types.MappingProxyType({
-    # measured: the 2 x H200 crossover of docs/overlap-benchmark.md
-    "nvlink": LinkThresholds(min_decode_tokens=1024, min_prefill_tokens=None),
-    # PROVISIONAL: to be replaced by the crossover `benchmarks/overlap.py --links=network`
-    # measures (NCCL with peer-to-peer access off, through host memory).
-    "network": LinkThresholds(min_decode_tokens=256, min_prefill_tokens=4096),
+    # measured: the 2 x H200 crossovers of docs/overlap-benchmark.md (context 2048 and 8192)
+    "nvlink": LinkThresholds(min_decode_tokens=1024, min_prefill_tokens=16384),
+    "network": LinkThresholds(min_decode_tokens=128, min_prefill_tokens=1024),
 })
 LINKS = tuple(DEFAULT_THRESHOLDS)
 DEFAULT_LINK = "nvlink"

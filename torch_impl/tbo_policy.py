@@ -6,15 +6,14 @@ and one for the prefill layout (EXTEND); ``None`` means never; IDLE never overla
 account. The default thresholds are per link class (``link``, one of ``LINKS``), in
 ``DEFAULT_THRESHOLDS``:
 
-- ``"nvlink"`` (the default): the GPUs of one host over NVLink. The crossover
+- ``"nvlink"`` (the default): the GPUs of one host over NVLink. The crossovers
   ``benchmarks/overlap.py`` measured on 2 x H200 for the project's DeepSeek-V3 MoE slice
-  (docs/overlap-benchmark.md): decode from 1024 tokens per rank, prefill off (it lost at 1024
-  and 4096).
-- ``"network"``: one network-class link per GPU, some 25-50 GB/s per direction (a 400 Gb/s NIC,
-  or NCCL with peer-to-peer access off, through host memory: about 24 GB/s measured on 2 x
-  H200, against NVLink's 285): about twelve times slower, so more to hide and TBO pays from
-  fewer tokens. Decode from 256, prefill from 4096: PROVISIONAL, until the benchmark's network
-  link has been measured.
+  (docs/overlap-benchmark.md): decode from 1024 tokens per rank, prefill from 16384 (it lost
+  at 1024 and 4096).
+- ``"network"``: one network-class link per GPU (a 400 Gb/s NIC, or NCCL with peer-to-peer
+  access off, through host memory: about 23 GB/s measured on 2 x H200, against NVLink's
+  204): more to hide, so TBO pays from fewer tokens. Measured: decode from 128 tokens per rank
+  (it lost at 32), prefill from 1024.
 
 A threshold passed explicitly (``None`` for never) overrides the link's default. Under data
 parallelism pass the largest rank's tokens, so that every rank decides alike, and feed the
@@ -49,11 +48,9 @@ class LinkThresholds:
 
 # The default thresholds of each link class: the one place to change them.
 DEFAULT_THRESHOLDS: Mapping[str, LinkThresholds] = types.MappingProxyType({
-    # measured: the 2 x H200 crossover of docs/overlap-benchmark.md
-    "nvlink": LinkThresholds(min_decode_tokens=1024, min_prefill_tokens=None),
-    # PROVISIONAL: to be replaced by the crossover `benchmarks/overlap.py --links=network`
-    # measures (NCCL with peer-to-peer access off, through host memory).
-    "network": LinkThresholds(min_decode_tokens=256, min_prefill_tokens=4096),
+    # measured: the 2 x H200 crossovers of docs/overlap-benchmark.md (context 2048 and 8192)
+    "nvlink": LinkThresholds(min_decode_tokens=1024, min_prefill_tokens=16384),
+    "network": LinkThresholds(min_decode_tokens=128, min_prefill_tokens=1024),
 })
 LINKS = tuple(DEFAULT_THRESHOLDS)
 DEFAULT_LINK = "nvlink"
