@@ -61,7 +61,7 @@ if [[ $STAGE == bench || $STAGE == all ]]; then
   # rank logs stay on the machine; only the results come back
   timeout 560 python3 benchmarks/overlap.py --nproc="$NPROC" --out_dir=/tmp/tbo-bench \
     --commit="${COMMIT:-unknown}" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1 || status=1
-  cp /tmp/tbo-bench/overlap-benchmark.* /tmp/tbo-bench/timeline.json "$OUT/" 2>/dev/null
+  cp /tmp/tbo-bench/overlap-benchmark.* /tmp/tbo-bench/timeline.json /tmp/tbo-bench/timeline-graph.json "$OUT/" 2>/dev/null
   tail -n 3 /tmp/tbo-bench/rank*.log
   grep -vE "^\| (default|4|8|16) \|" "$OUT/bench.log" | tail -n 60
 fi
