@@ -23,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from parity_tests import strategies
 from parity_tests.split_parity import (CHILDREN, DP, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E,
                                       I, TV, rejection, resolve_modes)
 from reference import replay_plan as spec_plan
@@ -96,6 +99,7 @@ CALLS = [
     (SEQ, (E, Count(12), Lens((3, 3, 3, 3)), None)),
     (SEQ, (E, Count(19), Lens((1,) * 9 + (10,)), None)),  # more sequences than 8 slots
     (SEQ, (D, Count(3), None, Count(1))),
+    (SEQ, (D, Count(3), None, None)),  # DECODE: token_num_per_seq left out is 1
     (SEQ, (TV, Count(12), None, Count(3))),
     (SEQ, (I, Count(0), None, Count(0))),
     (TOKEN, (Count(1), E, Lens((100, 2000)), None)),
@@ -108,6 +112,8 @@ CALLS = [
     (CHILDREN, (E, Lens((100, 2096)), Lens((100, 2000)))),  # prefix derived from seq_lens
     (CHILDREN, (TV, Lens((10, 20, 30)), None, None, Count(3))),
     (CHILDREN, (D, Lens((7,)), None, None, Count(1))),
+    (CHILDREN, (D, Lens((5, 6, 7)))),
+    (REPLAY, (D, Count(8), None)),
     (CHILDREN, (I, Lens(()), None, None, Count(0))),
 ]
 
@@ -159,7 +165,7 @@ def test_every_integer_dtype_is_accepted_and_bool_and_float_are_not(side):
     mode = side.ForwardMode.DECODE
     for dtype in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                   np.uint64):
-        assert side.compute_split_seq_index(mode, dtype(6), None, dtype(2)) == 1
+        assert side.compute_split_seq_index(mode, dtype(3), None, dtype(1)) == 1
         assert side.derive_children(mode, np.array([4, 5], dtype), None, None, 1)[1].seq_lens \
             == (5,)
     for dtype in (np.bool_, np.float16, np.float32, np.float64, np.complex64):
@@ -348,7 +354,7 @@ AT_THE_TOP = [
     ("extend-three", SEQ, (E, MAX, [MAX - 2, 1, 1], None), {}, 0),
     ("token-extend", TOKEN, (0, E, [MAX], None), {}, MAX // 2),
     ("token-extend-sum", TOKEN, (1, E, [2**30, 2**30 - 1], None), {}, 2**30),
-    ("token-decode", TOKEN, (1, D, None, MAX), {}, MAX),
+    ("token-verify", TOKEN, (1, TV, None, MAX), {}, MAX),
     ("token-index-at-top", TOKEN, (MAX, D, None, 1), {}, MAX),
     ("replay", REPLAY, (D, MAX, 1), {}, (MAX // 2, MAX // 2)),
     ("replay-verify", REPLAY, (TV, MAX - 1, (MAX - 1) // 2), {}, (1, (MAX - 1) // 2)),
@@ -407,7 +413,7 @@ PAST_THE_TOP = [
     ("extend-sum-2**64", SEQ, (E, 0, [MAX] * 9, None), "sum(extend_lens)"),
     ("token-split-seq", TOKEN, (MAX + 1, D, None, 1), "split_seq_index"),
     ("token-extend-sum", TOKEN, (0, E, [MAX, 1], None), "sum(extend_lens)"),
-    ("token-product", TOKEN, (2, D, None, 2**30), "split_seq_index * token_num_per_seq"),
+    ("token-product", TOKEN, (2, TV, None, 2**30), "split_seq_index * token_num_per_seq"),
     ("token-product-huge", TOKEN, (MAX, TV, None, MAX), "split_seq_index * token_num_per_seq"),
     ("replay-tokens", REPLAY, (D, MAX + 1, 1), "cuda_graph_num_tokens"),
     ("replay-tnps", REPLAY, (TV, 0, MAX + 1), "token_num_per_seq"),
@@ -418,7 +424,7 @@ PAST_THE_TOP = [
     ("children-extend-len", CHILDREN, (E, [MAX + 1], [MAX + 1], [0]), "seq_lens[0]"),
     ("children-extend-sum", CHILDREN, (E, [MAX, 1], [MAX, 1], [0, 0]), "sum(extend_lens)"),
     ("children-prefix", CHILDREN, (E, [MAX], [MAX], [MAX + 1]), "extend_prefix_lens[0]"),
-    ("children-tokens", CHILDREN, (D, [1, 1], None, None, 2**30),
+    ("children-tokens", CHILDREN, (TV, [1, 1], None, None, 2**30),
      "len(seq_lens) * token_num_per_seq"),
     ("children-verify-tnps", CHILDREN, (TV, [1], None, None, MAX + 1), "token_num_per_seq"),
 ]
@@ -559,3 +565,107 @@ def test_malformed_arguments_are_rejected_alike_never_with_another_error(
         assert got == want, (bad_args, bad_kwargs)
         rejections += rejected(got)
     assert rejections, "no variant was rejected"
+
+
+# ---------------------------------------------------------------------------------------------
+# DECODE brings one token per sequence: token_num_per_seq may be left out (it is 1), and 1 in
+# any integer form is the only value given that is accepted (others: test_bad_input.py).
+# ---------------------------------------------------------------------------------------------
+
+# Each DECODE call with token_num_per_seq at the end of its args (the argument under test).
+_DECODE_CALLS = {
+    SEQ: lambda n, lens, tnps: (D, n, None, tnps),
+    TOKEN: lambda n, lens, tnps: (len(lens) // 2, D, None, tnps),
+    REPLAY: lambda n, lens, tnps: (D, n, tnps),
+    CHILDREN: lambda n, lens, tnps: (D, lens, None, None, tnps),
+}
+
+
+def test_the_issue_examples_in_decode():
+    """derive_children(DECODE, [5, 6, 7]) used to be refused ('token_num_per_seq must be an
+    integer ..., got None'); token_num_per_seq=4 in DECODE and token_num_per_seq(DECODE, 3)
+    used to be accepted."""
+    for side in BOTH:
+        omitted = side.derive_children(side.ForwardMode.DECODE, [5, 6, 7])
+        given = side.derive_children(side.ForwardMode.DECODE, [5, 6, 7], None, None, 1)
+        assert omitted == given
+    assert outcome(impl, CHILDREN, (D, [5, 6, 7])) == outcome(spec, CHILDREN, (D, [5, 6, 7]))
+    for function, args in ((SEQ, (D, 8, None, 4)), (TNPS, (D, 3))):
+        message = outcome(impl, function, args)
+        assert rejected(message) and "token_num_per_seq" in message[1], message
+        assert outcome(spec, function, args) == message
+
+
+@settings(max_examples=200)  # a handful of calls per example on both sides; cheap rules
+@given(case=strategies.uniform_cases("DECODE"),
+       form=st.sampled_from([int, np.int64, np.int32, np.array]))
+def test_decode_without_token_num_per_seq_is_decode_with_one(case, form):
+    n, lens = case.num_tokens, list(case.seq_lens)
+    for function, make in _DECODE_CALLS.items():
+        want = outcome(impl, function, make(n, lens, 1))
+        assert not rejected(want), (function, want)
+        assert outcome(spec, function, make(n, lens, 1)) == want, function
+        for tnps in (None, form(1)):
+            for side in BOTH:
+                assert outcome(side, function, make(n, lens, tnps)) == want, (side, tnps)
+    for side in BOTH:  # draft_token_num: DECODE's count is 1 whether 1 is given or not
+        assert side.token_num_per_seq(side.ForwardMode.DECODE) == 1
+        assert side.token_num_per_seq(side.ForwardMode.DECODE, form(1)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec's Child and the implementation's TboChild: one comparable form, as_tuple().
+# ---------------------------------------------------------------------------------------------
+
+_CHILD_FIELDS = ("seq_range", "token_range", "seq_lens", "extend_seq_lens",
+                 "extend_prefix_lens", "extend_start_loc", "extend_num_tokens")
+
+
+def _children(side, case):
+    extend = case.mode == "EXTEND"
+    return side.derive_children(
+        side.ForwardMode[case.mode], case.seq_lens, case.extend_lens if extend else None,
+        case.prefix_lens if extend else None,
+        side.token_num_per_seq(side.ForwardMode[case.mode], case.draft_token_num),
+        case.threshold)
+
+
+def _other(name, value):
+    """A value of the child's field ``name`` that differs from ``value``."""
+    if value is None:
+        return 0 if name == "extend_num_tokens" else (0,)
+    if isinstance(value, int):
+        return value + 1
+    return (value[0] + 1,) + value[1:] if value else (1,)
+
+
+_any_case = st.sampled_from(["EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"]).flatmap(
+    strategies.cases_for)
+
+
+@settings(max_examples=300)  # two splits per example on both sides (the JAX one jitted)
+@given(case=_any_case, other=_any_case)
+def test_child_and_tbo_child_compare_through_as_tuple(case, other):
+    spec_children, impl_children = _children(spec, case), _children(impl, case)
+    other_children = _children(spec, other)
+    for spec_child, impl_child in zip(spec_children, impl_children):
+        form = impl_child.as_tuple()
+        assert spec_child.as_tuple() == form
+        assert spec_child != impl_child  # different classes: == never holds, as documented
+        # the form holds every field, in the order of the dataclass, as plain Python values
+        assert [f.name for f in dataclasses.fields(spec_child)] == list(_CHILD_FIELDS)
+        assert [f.name for f in dataclasses.fields(impl_child)] == list(_CHILD_FIELDS)
+        assert form == tuple(plain(getattr(impl_child, name)) for name in _CHILD_FIELDS)
+        assert type(form) is tuple and ints_are_python_ints(form), form
+        assert all(value is None or type(value) in (int, tuple) for value in form), form
+        hash(form)
+        # a split that differs gives a different form: any field changed, on either side
+        for name in _CHILD_FIELDS:
+            for child in (spec_child, impl_child):
+                changed = dataclasses.replace(child, **{name: _other(name, getattr(child, name))})
+                assert changed.as_tuple() != form, name
+        # ... and other splits (child B, another batch's children) equal it exactly when
+        # their fields are equal
+        for candidate in (*spec_children, *other_children):
+            same = dataclasses.astuple(candidate) == dataclasses.astuple(impl_child)
+            assert (candidate.as_tuple() == form) == same

@@ -4,22 +4,34 @@ with the same message word for word (docs/spec.md, "Bad input").
 Every class of bad input that the validation of either side rejects has a row here (inputs
 past the representable range, replay-plan inputs and a sweep of malformed arguments through
 every function are in ``test_api_inputs.py``), so a check dropped on one side only fails a
-test.
+test. Also here: an unknown MoE ``scoring`` (both sides), and the PyTorch side's
+``TboForwardBatchPreparer``, which refuses a batch that is split already and names the
+ForwardBatch field a bad value came from (the JAX spec has no preparer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import re
+import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from parity_tests.split_parity import (CHILDREN, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E, I, TV,
-                                      SplitCase, rejection, side_results)
+                                      SplitCase, make_forward_batch, rejection, side_results)
+from reference import moe as ref_moe
 from reference import split as spec
+from reference import weights as ref_weights
+from torch_impl import config as torch_config
+from torch_impl import moe as torch_moe
 from torch_impl import two_batch_overlap as impl
+from torch_impl.batch_splitter import TboForwardBatchPreparer
 
 
 # Another package's ForwardMode with a mode neither side has: accepted by class name, then
@@ -68,7 +80,7 @@ BAD_CALLS = [
     bad("token-index-seq-float", TOKEN, (1.0, D, None, 1), "split_seq_index", "float"),
     bad("replay-count-float", REPLAY, (D, 4.0, 1), "cuda_graph_num_tokens", "float"),
     bad("replay-tnps-bool", REPLAY, (D, 4, True), "token_num_per_seq", "bool"),
-    bad("replay-tnps-none", REPLAY, (D, 4, None), "token_num_per_seq", "None"),
+    bad("replay-tnps-none", REPLAY, (TV, 4, None), "token_num_per_seq", "None"),
     bad("non-padded-float", PADDED, (4, 1.5), "num_token_non_padded", "1.5"),
     bad("non-padded-split-array", PADDED, (np.array([4]), 1), "split_token_index", "(1,)"),
     bad("draft-float", TNPS, (TV, 2.0), "draft_token_num", "2.0", "float"),
@@ -110,7 +122,8 @@ BAD_CALLS = [
         "got 0"),
     bad("negative-num-tokens", SEQ, (D, -2, None, 1), "num_tokens", ">= 0", "got -2"),
     bad("negative-numpy-num-tokens", SEQ, (D, np.int32(-2), None, 1), "num_tokens", "got -2"),
-    bad("decode-zero-tnps", SEQ, (D, 4, None, 0), "token_num_per_seq", ">= 1"),
+    bad("decode-zero-tnps", SEQ, (D, 4, None, 0), "token_num_per_seq", "DECODE", "got 0"),
+    bad("verify-zero-tnps", SEQ, (TV, 4, None, 0), "token_num_per_seq", ">= 1"),
     bad("verify-negative-tnps", SEQ, (TV, 4, None, -2), "token_num_per_seq", "-2"),
     bad("token-index-negative-seq", TOKEN, (-1, D, None, 1), "split_seq_index"),
     bad("replay-negative", REPLAY, (D, -1, 1), "cuda_graph_num_tokens"),
@@ -159,7 +172,22 @@ BAD_CALLS = [
     bad("children-decode-prefix", CHILDREN, (D, [4], None, [0], 1), "extend_prefix_lens",
         "DECODE"),
     bad("children-decode-lens", CHILDREN, (D, [4], [1], None, 1), "extend_lens", "DECODE"),
-    bad("children-decode-no-tnps", CHILDREN, (D, [4]), "token_num_per_seq", "None"),
+    bad("children-verify-no-tnps", CHILDREN, (TV, [4]), "token_num_per_seq", "None"),
+    # --- DECODE brings one token per sequence: token_num_per_seq is 1 or not given ---
+    bad("decode-tnps-four", SEQ, (D, 8, None, 4), "token_num_per_seq", "DECODE", "got 4"),
+    bad("decode-tnps-two-numpy", SEQ, (D, 8, None, np.int64(2)), "token_num_per_seq",
+        "DECODE", "got 2"),
+    bad("decode-tnps-negative", SEQ, (D, 8, None, -1), "token_num_per_seq", "got -1"),
+    bad("token-index-decode-tnps-four", TOKEN, (1, D, None, 4), "token_num_per_seq",
+        "DECODE", "got 4"),
+    bad("children-decode-tnps-four", CHILDREN, (D, [5, 6, 7], None, None, 4),
+        "token_num_per_seq", "DECODE", "got 4"),
+    bad("replay-decode-tnps-two", REPLAY, (D, 8, 2), "token_num_per_seq", "DECODE", "got 2"),
+    bad("replay-decode-tnps-float", REPLAY, (D, 8, 1.0), "token_num_per_seq", "float"),
+    bad("decode-draft-three", TNPS, (D, 3), "draft_token_num", "token_num_per_seq", "DECODE",
+        "got 3"),
+    bad("decode-draft-numpy-two", TNPS, (D, np.int32(2)), "draft_token_num",
+        "token_num_per_seq", "got 2"),
 ]
 
 
@@ -235,3 +263,133 @@ def test_both_sides_reject_the_same_inputs(case):
     rejected = sorted(name for name, value in results.items() if value == ("ValueError",))
     event(f"{case.mode}: {len(rejected)} of {len(results)} calls rejected")
     assert results == side_results(impl, case), repr(case)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE routing: an unknown scoring is refused by select_experts on both sides, before any work.
+# ---------------------------------------------------------------------------------------------
+
+BAD_SCORINGS = [
+    pytest.param("sofmax", ("'sofmax'",), id="typo"),
+    pytest.param("Softmax", ("'Softmax'",), id="case"),
+    pytest.param("", ("''",), id="empty"),
+    pytest.param(None, ("None",), id="none"),
+    pytest.param(0, ("0",), id="int"),
+]
+
+
+def _scoring_rejections(scoring, logits):
+    """The messages of both sides' select_experts (and the spec's router_scores) for
+    ``scoring`` on ``logits`` (None: nothing to compute with, so only a check made before any
+    work can answer with a ValueError)."""
+    # The spec reads scoring from its config, whose constructor refuses a bad value already:
+    # a stand-in config carries it to select_experts itself.
+    cfg = types.SimpleNamespace(scoring=scoring, top_k=2, num_experts=4)
+    messages = {}
+    for name, call in [
+            ("impl", lambda: torch_moe.select_experts(logits, top_k=2, scoring=scoring,
+                                                      num_token_non_padded=1)),
+            ("spec", lambda: ref_moe.select_experts(logits, 1, cfg=cfg)),
+            ("spec router_scores", lambda: ref_moe.router_scores(logits, scoring=scoring))]:
+        with pytest.raises(ValueError) as info:
+            call()
+        messages[name] = str(info.value)
+    return messages
+
+
+@pytest.mark.parametrize("scoring,words", BAD_SCORINGS)
+def test_an_unknown_scoring_is_rejected_alike_before_any_work(scoring, words):
+    for logits in (None, np.zeros((3, 4), np.float32)):
+        messages = _scoring_rejections(
+            scoring, None if logits is None else torch.from_numpy(logits))
+        spec_messages = _scoring_rejections(
+            scoring, None if logits is None else jnp.asarray(logits))
+        message = messages["impl"]
+        assert spec_messages["spec"] == spec_messages["spec router_scores"] == message
+        assert message.startswith("scoring ") and all(w in message for w in words), message
+        assert all(repr(allowed) in message for allowed in ref_weights.SCORINGS), message
+        assert ref_weights.SCORINGS == torch_config.SCORINGS
+
+
+def test_the_allowed_scorings_are_accepted_alike():
+    logits = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    for scoring in ref_weights.SCORINGS:
+        cfg = ref_weights.ModelConfig(num_experts=4, top_k=2, scoring=scoring)
+        spec_w, spec_ids = ref_moe.select_experts(jnp.asarray(logits), 3, cfg=cfg)
+        impl_w, impl_ids = torch_moe.select_experts(torch.from_numpy(logits), top_k=2,
+                                                    scoring=scoring, num_token_non_padded=3)
+        np.testing.assert_array_equal(np.asarray(spec_ids), impl_ids.numpy())
+        np.testing.assert_allclose(np.asarray(spec_w), impl_w.numpy(), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# TboForwardBatchPreparer (PyTorch only: the JAX spec has no preparer and no ForwardBatch; it
+# is given the lengths themselves, which its errors name).
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch(case):
+    return make_forward_batch(case, seed=1)
+
+
+def test_the_preparer_refuses_a_batch_that_is_split_already():
+    for case in (SplitCase("DECODE", (5, 6, 7)), SplitCase("EXTEND", (5, 6), (3, 4), (2, 2)),
+                 SplitCase("TARGET_VERIFY", (5, 6), draft_token_num=2)):
+        preparer = TboForwardBatchPreparer()
+        prepared = preparer.prepare(_batch(case))
+        assert prepared.tbo_children is not None
+        with pytest.raises(ValueError) as info:
+            preparer.prepare(prepared)
+        assert str(info.value).startswith("tbo_children "), info.value
+        # any tbo_children set is refused, whatever it holds
+        with pytest.raises(ValueError, match="^tbo_children "):
+            preparer.prepare(dataclasses.replace(_batch(case), tbo_children=()))
+
+
+# (id, case, the fields to set on its batch, the field the message must name and then the
+# argument of two_batch_overlap that must not appear, with the words the message holds)
+_EXTEND = SplitCase("EXTEND", (5, 6), (3, 4), (2, 2))
+BAD_FIELDS = [
+    pytest.param(_EXTEND, dict(extend_seq_lens_cpu=None), "extend_seq_lens_cpu", "extend_lens",
+                 ("required",), id="extend-lens-missing"),
+    pytest.param(_EXTEND, dict(extend_seq_lens_cpu=torch.tensor([3, 0])),
+                 "extend_seq_lens_cpu[1]", "extend_lens", (">= 1", "got 0"),
+                 id="extend-len-zero"),
+    pytest.param(_EXTEND, dict(extend_seq_lens_cpu=torch.tensor([3.0, 4.0])),
+                 "extend_seq_lens_cpu[0]", "extend_lens", ("float",), id="extend-lens-float"),
+    pytest.param(_EXTEND, dict(extend_prefix_lens_cpu=torch.tensor([2])),
+                 "extend_prefix_lens_cpu", "extend_prefix_lens", ("1 entries",),
+                 id="prefix-count"),
+    pytest.param(_EXTEND, dict(extend_prefix_lens_cpu=torch.tensor([-1, 2])),
+                 "extend_prefix_lens_cpu[0]", "extend_prefix_lens", ("got -1",),
+                 id="prefix-negative"),
+    pytest.param(_EXTEND, dict(seq_lens_cpu=torch.tensor([1, 6])), "seq_lens_cpu[0]=1",
+                 "seq_lens", ("extend_prefix_lens_cpu[0]=2", "extend_seq_lens_cpu[0]=3"),
+                 id="lens-disagree"),
+    pytest.param(_EXTEND, dict(seq_lens_cpu=torch.tensor([0, 6])), "seq_lens_cpu[0]",
+                 "seq_lens", (">= 1",), id="seq-len-zero"),
+    pytest.param(SplitCase("DECODE", (5, 6)), dict(extend_seq_lens_cpu=torch.tensor([1, 1])),
+                 "extend_seq_lens_cpu", "extend_lens", ("DECODE",), id="decode-extend-lens"),
+    pytest.param(SplitCase("DECODE", (5, 6)),
+                 dict(extend_prefix_lens_cpu=torch.tensor([1, 1])),
+                 "extend_prefix_lens_cpu", "extend_prefix_lens", ("DECODE",),
+                 id="decode-prefix-lens"),
+    pytest.param(SplitCase("TARGET_VERIFY", (5, 6), draft_token_num=2), dict(spec_info=None),
+                 "spec_info.draft_token_num", "draft_token_num", ("required",),
+                 id="verify-without-spec-info"),
+]
+
+
+@pytest.mark.parametrize("case,fields,field,argument,words", BAD_FIELDS)
+def test_the_preparer_names_the_field_the_user_set(case, fields, field, argument, words):
+    """A bad ForwardBatch field is reported under the field's name (extend_seq_lens_cpu), not
+    under the name of the argument of two_batch_overlap it is passed as (extend_lens)."""
+    with pytest.raises(ValueError) as info:
+        TboForwardBatchPreparer().prepare(dataclasses.replace(_batch(case), **fields))
+    message = str(info.value)
+    assert message.startswith(field) and all(word in message for word in words), message
+    # the argument's name appears only inside a field's name
+    for found in re.finditer(re.escape(argument), message):
+        start, end = found.span()
+        assert message[end:end + 1] in ("_",) or message[start - 1:start] in ("_", "."), \
+            message

@@ -18,12 +18,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from reference.weights import ModelConfig
+from reference.weights import SCORINGS, ModelConfig
+
+
+def check_scoring(scoring) -> str:
+    """One of SCORINGS, else a ValueError naming ``scoring`` (the message of ModelConfig's
+    check; ``torch_impl/moe.py`` raises the same)."""
+    if not (isinstance(scoring, str) and scoring in SCORINGS):
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    return scoring
 
 
 def router_scores(router_logits, *, scoring: str):
-    """``[T, E]``: softmax over the experts, or an independent sigmoid per expert."""
-    if scoring == "softmax":
+    """``[T, E]``: softmax over the experts, or an independent sigmoid per expert. Any other
+    ``scoring`` is a ValueError naming it, raised before anything is computed."""
+    if check_scoring(scoring) == "softmax":
         return jax.nn.softmax(router_logits, axis=-1)
     return jax.nn.sigmoid(router_logits)
 
@@ -45,7 +54,9 @@ def select_experts(router_logits, num_token_non_padded, *, cfg: ModelConfig):
     """``(topk_w [T, K], topk_ids [T, K] int32)``; rows ``t >= num_token_non_padded`` get 0, -1.
 
     Weights are the top-k scores renormalised to sum to 1; ties go to the lower expert id.
+    An unknown ``cfg.scoring`` is a ValueError naming ``scoring``, before any work.
     """
+    check_scoring(cfg.scoring)
     topk_w, topk_ids = top_k_lower_id_first(router_scores(router_logits, scoring=cfg.scoring),
                                             cfg.top_k)  # [T, K]
     topk_w = topk_w / jnp.sum(topk_w, axis=-1, keepdims=True)

@@ -7,6 +7,10 @@ are thin wrappers: they validate Python inputs (``ValueError`` naming the argume
 at most ``MAX_COUNT``, see docs/spec.md, "Representable range"), pad them, call the pure
 functions and return Python ints.
 
+A child of a split is a ``Child``; the PyTorch side's is a ``TboChild`` with the same fields.
+The two classes never compare equal (``==`` is False across them): compare ``as_tuple()``,
+the plain-Python tuple that both return, equal exactly when the splits are.
+
 Shape letters: ``S`` = sequence slots of a padded batch (valid ones first, ``num_seqs`` of
 them; padded slots hold 0). Padded slots never change a result.
 
@@ -406,20 +410,35 @@ def _check_extend_lens(extend_lens) -> list:
     return lens
 
 
+def _check_fixed_token_num_per_seq(mode, token_num_per_seq, allowed) -> None:
+    """A mode whose token count per sequence is fixed (DECODE: 1, IDLE: 0) takes only the
+    ``allowed`` values (None among them: not given)."""
+    if token_num_per_seq is None:
+        return
+    number = _as_int("token_num_per_seq", token_num_per_seq)
+    if number not in allowed:
+        raise ValueError(f"token_num_per_seq must be one of {allowed} in {mode.name}, "
+                         f"got {number}")
+
+
+def _check_token_num_per_seq(mode, token_num_per_seq) -> int:
+    """DECODE: 1 (None or 1 given); TARGET_VERIFY: the given count, >= 1."""
+    if mode is ForwardMode.DECODE:
+        _check_fixed_token_num_per_seq(mode, token_num_per_seq, (None, 1))
+        return 1
+    return _check_count("token_num_per_seq", token_num_per_seq, minimum=1)
+
+
 def _check_uniform(mode, extend_lens, token_num_per_seq) -> int:
     if extend_lens is not None:
         raise ValueError(f"extend_lens must be None in {mode.name}")
-    return _check_count("token_num_per_seq", token_num_per_seq, minimum=1)
+    return _check_token_num_per_seq(mode, token_num_per_seq)
 
 
 def _check_idle(extend_lens, token_num_per_seq, *, allowed=(None, 0)) -> None:
     if extend_lens is not None:
         raise ValueError("extend_lens must be None in IDLE")
-    if token_num_per_seq is None:
-        return
-    number = _as_int("token_num_per_seq", token_num_per_seq)
-    if number not in allowed:
-        raise ValueError(f"token_num_per_seq must be one of {allowed} in IDLE, got {number}")
+    _check_fixed_token_num_per_seq(ForwardMode.IDLE, token_num_per_seq, allowed)
 
 
 def _check_divisible(name, num_tokens, token_num_per_seq) -> None:
@@ -457,6 +476,9 @@ def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
         if draft_token_num is None:
             raise ValueError("draft_token_num is required in TARGET_VERIFY")
         return draft_token_num
+    if mode is ForwardMode.DECODE and draft_token_num not in (None, 1):
+        raise ValueError(f"draft_token_num must be one of (None, 1) in DECODE, where "
+                         f"token_num_per_seq is 1, got {draft_token_num}")
     return {ForwardMode.DECODE: 1, ForwardMode.IDLE: 0, ForwardMode.EXTEND: None}[mode]
 
 
@@ -534,7 +556,7 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
         _check_idle(None, token_num_per_seq, allowed=(None, 0, 1))
         tnps = 1
     else:
-        tnps = _check_count("token_num_per_seq", token_num_per_seq, minimum=1)
+        tnps = _check_token_num_per_seq(mode, token_num_per_seq)
     _check_divisible("cuda_graph_num_tokens", cuda_graph_num_tokens, tnps)
     with jax.enable_x64(True):
         seq, tok = uniform_split_indices(jnp.int64(cuda_graph_num_tokens), tnps)
@@ -553,7 +575,12 @@ def compute_children_num_token_non_padded(split_token_index, num_token_non_padde
 
 @dataclasses.dataclass(frozen=True)
 class Child:
-    """One child of a split, in Python values. Extend fields are None outside EXTEND."""
+    """One child of a split, in Python values. Extend fields are None outside EXTEND.
+
+    Comparing with the implementation: ``Child`` and the PyTorch side's ``TboChild`` are
+    different classes, so ``==`` between them is always False. Compare their ``as_tuple()``
+    instead: both return the same plain-Python tuple for the same split.
+    """
 
     seq_range: tuple
     token_range: tuple
@@ -562,6 +589,19 @@ class Child:
     extend_prefix_lens: Optional[tuple]
     extend_start_loc: Optional[tuple]
     extend_num_tokens: Optional[int]
+
+    def as_tuple(self) -> tuple:
+        """The child as a plain-Python tuple, the form it shares with ``TboChild.as_tuple()``:
+        ``(seq_range, token_range, seq_lens, extend_seq_lens, extend_prefix_lens,
+        extend_start_loc, extend_num_tokens)``, every number a Python int, every range or
+        list of lengths a tuple of them, and None where the field is None (outside EXTEND)."""
+        def ints(values):
+            return None if values is None else tuple(int(v) for v in values)
+
+        return (ints(self.seq_range), ints(self.token_range), ints(self.seq_lens),
+                ints(self.extend_seq_lens), ints(self.extend_prefix_lens),
+                ints(self.extend_start_loc),
+                None if self.extend_num_tokens is None else int(self.extend_num_tokens))
 
 
 def _to_child(arrays: ChildArrays, extend: bool) -> Child:

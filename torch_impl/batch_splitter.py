@@ -8,6 +8,7 @@ the split with ``two_batch_overlap`` and hands each child's plan to ``split_fiel
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
@@ -67,6 +68,28 @@ def _check_token_count(batch: ForwardBatch, tnps) -> None:
                          f"lengths imply {expected}")
 
 
+# The arguments of ``two_batch_overlap`` that the preparer fills from a ForwardBatch, and the
+# field each comes from: a message about the argument is re-raised naming the field the user
+# set (``extend_seq_lens_cpu is required``, not ``extend_lens is required``).
+_FIELD_OF_ARGUMENT = {
+    "seq_lens": "seq_lens_cpu",
+    "extend_lens": "extend_seq_lens_cpu",
+    "extend_prefix_lens": "extend_prefix_lens_cpu",
+    "draft_token_num": "spec_info.draft_token_num",
+}
+_ARGUMENT_NAME = re.compile(r"(?<![\w.])(" + "|".join(_FIELD_OF_ARGUMENT) + r")(?!\w)")
+
+
+def _naming_fields(function, *args):
+    """``function(*args)``; a ValueError it raises is re-raised with every argument name of
+    ``_FIELD_OF_ARGUMENT`` in its message replaced by the field's."""
+    try:
+        return function(*args)
+    except ValueError as error:
+        message = _ARGUMENT_NAME.sub(lambda m: _FIELD_OF_ARGUMENT[m.group(1)], str(error))
+        raise ValueError(message) from error
+
+
 @dataclasses.dataclass(frozen=True)
 class TboForwardBatchPreparer:
     """Splits a ForwardBatch into two children by the rules of ``two_batch_overlap``."""
@@ -74,24 +97,31 @@ class TboForwardBatchPreparer:
     threshold: float = tbo.DEFAULT_THRESHOLD
 
     def split_children(self, batch: ForwardBatch) -> tuple:
-        """The (TboChild A, TboChild B) numbers of this batch, validated."""
+        """The (TboChild A, TboChild B) numbers of this batch, validated. A rejected field is
+        named as the batch's field (``extend_seq_lens_cpu``), not as the argument of
+        ``two_batch_overlap`` it was passed as (``extend_lens``)."""
         mode = batch.forward_mode
         draft = None if batch.spec_info is None else batch.spec_info.draft_token_num
-        tnps = tbo.token_num_per_seq(mode, draft if mode is tbo.ForwardMode.TARGET_VERIFY
-                                     else None)
+        tnps = _naming_fields(tbo.token_num_per_seq, mode,
+                              draft if mode is tbo.ForwardMode.TARGET_VERIFY else None)
         if batch.seq_lens_cpu is None:
             raise ValueError("seq_lens_cpu is required to split a batch")
         if len(batch.seq_lens_cpu) != batch.batch_size:
             raise ValueError(f"seq_lens_cpu has {len(batch.seq_lens_cpu)} entries, "
                              f"batch_size is {batch.batch_size}")
-        children = tbo.derive_children(
-            mode, _lens(batch.seq_lens_cpu), _lens(batch.extend_seq_lens_cpu),
-            _lens(batch.extend_prefix_lens_cpu), tnps, self.threshold)
+        children = _naming_fields(
+            tbo.derive_children, mode, _lens(batch.seq_lens_cpu),
+            _lens(batch.extend_seq_lens_cpu), _lens(batch.extend_prefix_lens_cpu), tnps,
+            self.threshold)
         _check_token_count(batch, tnps)
         return children
 
     def prepare(self, batch: ForwardBatch) -> ForwardBatch:
-        """The parent with ``tbo_split_seq_index`` and ``tbo_children`` (A, B) filled in."""
+        """The parent with ``tbo_split_seq_index`` and ``tbo_children`` (A, B) filled in.
+        A batch that is split already (``tbo_children`` set) is refused, not split again."""
+        if batch.tbo_children is not None:
+            raise ValueError("tbo_children is set: the batch is split already; prepare the "
+                             "unsplit batch (a split batch is not split again)")
         if isinstance(batch.num_token_non_padded, torch.Tensor):
             raise ValueError("num_token_non_padded is a device tensor (a CUDA-graph batch); "
                              "such a batch is split by TboCudaGraphRunnerPlugin")

@@ -15,6 +15,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from torch_impl.config import SCORINGS
+
 
 def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
                    num_token_non_padded) -> tuple:
@@ -27,7 +29,11 @@ def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
     Python int eagerly or a 0-dim device tensor in a graph. A tensor count is always masked on
     the device, so a replay that rewrites the tensor re-masks without recapture; an int that
     covers every row skips the (then all-false) masks: 4 operators fewer per eager call.
+    ``scoring`` is one of ``SCORINGS``; anything else is a ValueError naming it (the message of
+    ModelConfig's check, and of the JAX spec's ``check_scoring``), before any work.
     """
+    if not (isinstance(scoring, str) and scoring in SCORINGS):
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "softmax":
         scores = torch.softmax(router_logits, dim=-1)
     else:

@@ -187,21 +187,36 @@ def check_no_token_num_per_seq(token_num_per_seq) -> None:
         raise ValueError("token_num_per_seq must be None in EXTEND")
 
 
+def check_fixed_token_num_per_seq(mode: ForwardMode, token_num_per_seq, allowed) -> None:
+    """A mode whose token count per sequence is fixed (DECODE: 1, IDLE: 0) takes only the
+    ``allowed`` values (None among them: not given)."""
+    if token_num_per_seq is None:
+        return
+    number = as_int("token_num_per_seq", token_num_per_seq)
+    if number not in allowed:
+        raise ValueError(f"token_num_per_seq must be one of {allowed} in {mode.name}, "
+                         f"got {number}")
+
+
+def check_token_num_per_seq(mode: ForwardMode, token_num_per_seq) -> int:
+    """DECODE: 1 (None or 1 given); TARGET_VERIFY: the given count, >= 1."""
+    if mode is ForwardMode.DECODE:
+        check_fixed_token_num_per_seq(mode, token_num_per_seq, (None, 1))
+        return 1
+    return check_count("token_num_per_seq", token_num_per_seq, 1)
+
+
 def check_uniform(mode: ForwardMode, extend_lens, token_num_per_seq) -> int:
-    """DECODE / TARGET_VERIFY: no extend lens, a positive token count per sequence."""
+    """DECODE / TARGET_VERIFY: no extend lens, the mode's token count per sequence."""
     if extend_lens is not None:
         raise ValueError(f"extend_lens must be None in {mode.name}")
-    return check_count("token_num_per_seq", token_num_per_seq, 1)
+    return check_token_num_per_seq(mode, token_num_per_seq)
 
 
 def check_idle(extend_lens, token_num_per_seq, allowed=(None, 0)) -> None:
     if extend_lens is not None:
         raise ValueError("extend_lens must be None in IDLE")
-    if token_num_per_seq is None:
-        return
-    number = as_int("token_num_per_seq", token_num_per_seq)
-    if number not in allowed:
-        raise ValueError(f"token_num_per_seq must be one of {allowed} in IDLE, got {number}")
+    check_fixed_token_num_per_seq(ForwardMode.IDLE, token_num_per_seq, allowed)
 
 
 def check_divisible(name: str, num_tokens: int, token_num_per_seq: int) -> None:

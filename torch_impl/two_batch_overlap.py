@@ -4,6 +4,10 @@ The PyTorch twin of ``reference/split.py``: the same six functions with the same
 computed the way an engine does on the host (plain Python integers over the batch's CPU
 copies). ``TboForwardBatchPreparer`` (in ``batch_splitter.py``) turns these numbers into two
 child ``ForwardBatch``es.
+
+A child of a split is a ``TboChild``; the spec's is a ``Child`` with the same fields. The two
+classes never compare equal (``==`` is False across them): compare ``as_tuple()``, the
+plain-Python tuple that both return, equal exactly when the splits are.
 """
 
 from __future__ import annotations
@@ -97,6 +101,9 @@ def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
             raise ValueError("draft_token_num is required in TARGET_VERIFY")
         return draft_token_num
     if mode is ForwardMode.DECODE:
+        if draft_token_num not in (None, 1):
+            raise ValueError(f"draft_token_num must be one of (None, 1) in DECODE, where "
+                             f"token_num_per_seq is 1, got {draft_token_num}")
         return 1
     return 0 if mode is ForwardMode.IDLE else None
 
@@ -165,7 +172,7 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
         rules.check_idle(None, token_num_per_seq, allowed=(None, 0, 1))
         tnps = 1
     else:
-        tnps = rules.check_count("token_num_per_seq", token_num_per_seq, 1)
+        tnps = rules.check_token_num_per_seq(mode, token_num_per_seq)
     rules.check_divisible("cuda_graph_num_tokens", cuda_graph_num_tokens, tnps)
     split_seq = (cuda_graph_num_tokens // tnps) // 2
     return split_seq, split_seq * tnps
@@ -182,7 +189,12 @@ def compute_children_num_token_non_padded(split_token_index, num_token_non_padde
 @dataclasses.dataclass(frozen=True)
 class TboChild:
     """One child of a split. Ranges index the parent; extend fields are None outside EXTEND,
-    and ``extend_start_loc`` is child-relative (choice)."""
+    and ``extend_start_loc`` is child-relative (choice).
+
+    Comparing with the spec: ``TboChild`` and the JAX spec's ``Child`` are different classes,
+    so ``==`` between them is always False. Compare their ``as_tuple()`` instead: both return
+    the same plain-Python tuple for the same split.
+    """
 
     seq_range: tuple
     token_range: tuple
@@ -199,6 +211,20 @@ class TboChild:
     @property
     def batch_size(self) -> int:
         return self.seq_range[1] - self.seq_range[0]
+
+    def as_tuple(self) -> tuple:
+        """The child as a plain-Python tuple, the form it shares with the spec's
+        ``Child.as_tuple()``: ``(seq_range, token_range, seq_lens, extend_seq_lens,
+        extend_prefix_lens, extend_start_loc, extend_num_tokens)``, every number a Python int,
+        every range or list of lengths a tuple of them, and None where the field is None
+        (outside EXTEND)."""
+        def ints(values):
+            return None if values is None else tuple(int(v) for v in values)
+
+        return (ints(self.seq_range), ints(self.token_range), ints(self.seq_lens),
+                ints(self.extend_seq_lens), ints(self.extend_prefix_lens),
+                ints(self.extend_start_loc),
+                None if self.extend_num_tokens is None else int(self.extend_num_tokens))
 
 
 def _start_locs(lens: list) -> tuple:
