@@ -1,9 +1,13 @@
 """`tbo-parity`: check the PyTorch implementation of two-batch overlap against the JAX spec.
 
     tbo-parity run [--cases_per_mode=1000] [--seed=0] [--device=cpu] [--dtype=float32]
-                   [--nomodel]
+                   [--nomodel] [--nproc=1]
     tbo-parity verify [--max_seqs=5] [--max_len=12] [--max_bs=256] [--max_draft=8]
                       [--max_graph_bs=256] [--workers=N]
+    tbo-parity timeline [--nproc=1] [--device=cpu] [--tokens=1024] [--transport=copy_engine]
+                        [--out=timeline.png]
+    tbo-parity upstream --sglang_version=V | --sglang_source=PATH [--cases_per_mode=1000]
+                        [--seed=0] [--examples=3] [--cache_dir=DIR]
     tbo-parity --help
 
 `run` prints one row per check as it completes:
@@ -28,8 +32,19 @@ by batch in worker processes, every index and child field compared and the spec'
 asserted. It prints a row per family, the batches per second of each side, and exits 1 with the
 first counterexample as a `SplitCase(...)` literal on any disagreement.
 
-Bad flags or commands print one line and exit 2. torch and JAX are imported only by the
-command that needs them, so `--help` answers at once.
+`timeline` records one TBO decode step on ``--nproc`` ranks (benchmarks/overlap.py) and draws
+it as a PNG with its intervals as JSON next to it (parity_tests/timeline.py); it needs the viz
+extra (``pip install ".[viz]"``, matplotlib).
+
+`upstream` checks SGLang releases' split functions against the spec (parity_tests/upstream.py,
+docs/upstream.md); it has flags of its own.
+
+Exit status: 0 all agree, 1 a mismatch (with a reproducer), 2 bad usage, 130 interrupted
+(Ctrl-C), 141 stdout closed early (as `tbo-parity --help | head -1` does; quietly, like a
+tool that SIGPIPE ends). Bad flags or commands, and what can be known wrong before any work
+(``--nproc`` not dividing the model's experts, no matplotlib for `timeline`, an ``--out`` that
+cannot be written), print one line and exit 2 before anything runs. torch and JAX are imported
+only by the command that needs them, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -105,9 +120,18 @@ class CommandLineError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+def doc_summary_and_usage() -> tuple:
+    """(summary line, usage lines) of this module's docstring, the source of ``--help``'s
+    description: its first line and its indented synopsis (one entry per command)."""
+    doc = __doc__ or ""  # None under python -OO: the help then starts at its command list
+    summary, _, rest = doc.partition("\n\n")
+    synopsis = rest.split("\n\n", 1)[0] if rest.startswith("    ") else ""
+    return summary.replace("`", ""), [line[4:] for line in synopsis.splitlines()]
+
+
 def help_text() -> str:
-    lines = ["tbo-parity: check the PyTorch implementation of two-batch overlap against its JAX "
-             "spec.", "", f"usage: tbo-parity {{{'|'.join(COMMANDS)}}} [flags]", "", "commands:"]
+    summary, usage = doc_summary_and_usage()
+    lines = [summary, "", "usage:"] + [f"  {line}" for line in usage] + ["", "commands:"]
     for name, (summary, _) in COMMANDS.items():
         lines.append(f"  {name:<8} {summary}")
     from parity_tests import upstream  # light: its heavy imports are deferred
@@ -129,7 +153,8 @@ def help_text() -> str:
                 help_ += f" One of {', '.join(values)}."
             lines.append(f"  {shown:<18} {help_} (default: {flag.default})")
     lines += ["", "examples:"] + [f"  {example}" for example in EXAMPLES]
-    lines += ["", "Exit status: 0 all agree, 1 a mismatch (with a reproducer), 2 bad usage."]
+    lines += ["", "Exit status: 0 all agree, 1 a mismatch (with a reproducer), 2 bad usage, "
+              "130 interrupted, 141 stdout closed early."]
     return "\n".join(lines)
 
 
@@ -156,6 +181,7 @@ def _help_for(flag, command: str) -> str:
 
 def parse(argv: list) -> str:
     """The command, with FLAGS parsed and checked; CommandLineError on anything wrong."""
+    FLAGS.unparse_flags()  # every call starts from the defaults (main can run in-process)
     try:
         rest = FLAGS(argv)
     except flags.Error as error:
@@ -181,6 +207,89 @@ def parse(argv: list) -> str:
         if given:
             raise CommandLineError(f"--{given[0]} sets up the model, which --nomodel skips")
     return command
+
+
+def ep_num_experts() -> int:
+    """The expert count of the model that `run --nproc` shards over its ranks: ep_parity's
+    ranks build it with ``model_parity.make_models(0)``, the spec's ModelConfig defaults
+    (imported from there without torch or JAX)."""
+    from reference.weights import ModelConfig
+
+    return ModelConfig().num_experts
+
+
+def check_nproc_divides_experts(nproc: int) -> None:
+    """Expert parallelism gives each rank an equal share of the experts."""
+    experts = ep_num_experts()
+    if experts % nproc:
+        choices = ", ".join(str(n) for n in range(1, experts + 1)
+                            if experts % n == 0 and n <= FLAGS["nproc"].parser.upper_bound)
+        raise CommandLineError(f"--nproc={nproc} must divide the model's {experts} experts "
+                               f"(each rank hosts an equal share); use one of {choices}")
+
+
+def check_viz_extra() -> None:
+    """`timeline` draws with matplotlib, the viz extra."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CommandLineError('timeline draws with matplotlib, which is not installed: '
+                               'pip install ".[viz]"') from None
+
+
+def check_out_writable(out: str) -> None:
+    """``--out``'s folder exists or can be made, and a file can be written in it (probed with a
+    temporary file, removed at once; the folder, if made, stays for the picture)."""
+    import tempfile
+
+    path = os.path.abspath(out)
+    folder = os.path.dirname(path)
+    for target in (path, os.path.splitext(path)[0] + ".json"):
+        if os.path.isdir(target):
+            raise CommandLineError(f"--out={out}: {target} is a directory")
+        if os.path.exists(target) and not os.access(target, os.W_OK):
+            raise CommandLineError(f"--out={out}: {target} exists and is not writable")
+    existing = folder
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        raise CommandLineError(f"--out={out}: cannot make its folder, {existing} is not a "
+                               f"directory")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error).splitlines()[0]
+        where = error.filename or folder
+        raise CommandLineError(f"--out={out}: cannot write into {folder} ({reason}: {where})"
+                               ) from None
+
+
+def check_before_work(command: str) -> None:
+    """What can be known wrong before anything runs; CommandLineError on the first. The
+    checks that import nothing heavy come first, --out's (it may create the folder) last."""
+    if command == "run" and FLAGS.nproc > 1:
+        if not FLAGS.model:
+            raise CommandLineError("--nproc runs model parity, which --nomodel skips")
+        check_nproc_divides_experts(FLAGS.nproc)
+    if command == "timeline":
+        if FLAGS.device == "cpu" and FLAGS["transport"].present \
+                and FLAGS.transport == "copy_engine":
+            raise CommandLineError("--transport=copy_engine needs --device=cuda")
+        if not FLAGS.out.endswith(".png"):
+            raise CommandLineError(f"--out must name a .png file, got {FLAGS.out!r}")
+        check_viz_extra()
+    if (command == "timeline" or FLAGS.model) and FLAGS.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandLineError("--device=cuda, but torch sees no CUDA device")
+        if FLAGS.nproc > torch.cuda.device_count():
+            raise CommandLineError(f"--nproc={FLAGS.nproc}, but torch sees "
+                                   f"{torch.cuda.device_count()} CUDA devices")
+    if command == "timeline":
+        check_out_writable(FLAGS.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,21 +594,7 @@ def _main(argv: list) -> int:
         return upstream.main([f"{argv[0]} upstream", *argv[2:]])
     try:
         command = parse(argv)
-        if (command == "timeline" or FLAGS.model) and FLAGS.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise CommandLineError("--device=cuda, but torch sees no CUDA device")
-            if FLAGS.nproc > torch.cuda.device_count():
-                raise CommandLineError(f"--nproc={FLAGS.nproc}, but torch sees "
-                                       f"{torch.cuda.device_count()} CUDA devices")
-        if command == "run" and FLAGS.nproc > 1 and not FLAGS.model:
-            raise CommandLineError("--nproc runs model parity, which --nomodel skips")
-        if command == "timeline" and FLAGS.device == "cpu" and FLAGS["transport"].present \
-                and FLAGS.transport == "copy_engine":
-            raise CommandLineError("--transport=copy_engine needs --device=cuda")
-        if command == "timeline" and not FLAGS.out.endswith(".png"):
-            raise CommandLineError(f"--out must name a .png file, got {FLAGS.out!r}")
+        check_before_work(command)
     except CommandLineError as error:
         print(f"tbo-parity: {error}", file=sys.stderr)
         return 2
@@ -518,8 +613,25 @@ def _main(argv: list) -> int:
                       dtype=FLAGS.dtype, nproc=FLAGS.nproc)
 
 
-def main() -> None:
-    sys.exit(_main(sys.argv))
+def main(argv: list | None = None) -> None:
+    """The console command: `_main`, and its exit status, with two quiet endings. Ctrl-C
+    (KeyboardInterrupt) during any command prints one line and exits 130 (128 + SIGINT). A
+    reader that closes stdout early (``tbo-parity --help | head -1``) ends it without a
+    traceback: Python's recipe (docs.python.org/3/library/signal.html, "Note on SIGPIPE"),
+    stdout pointed at devnull so that the exit's flush cannot fail again, but with status 141
+    (128 + SIGPIPE, what a shell reports for a tool SIGPIPE ends), since 1 here means a
+    mismatch."""
+    try:
+        status = _main(sys.argv if argv is None else argv)
+        sys.stdout.flush()  # a closed reader shows here, inside the try, at the latest
+    except KeyboardInterrupt:
+        print("tbo-parity: interrupted", file=sys.stderr, flush=True)
+        status = 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = 141
+    sys.exit(status)
 
 
 if __name__ == "__main__":

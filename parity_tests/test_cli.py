@@ -90,6 +90,80 @@ def test_bad_usage_is_one_line_and_exit_two(args, words):
     assert words in result.stderr and "Traceback" not in result.stderr
 
 
+def _synopsis() -> dict:
+    """command -> its entry in the docstring's usage block (continuation lines joined)."""
+    _, usage = cli.doc_summary_and_usage()
+    entries = {}
+    for line in usage:
+        if line.startswith("tbo-parity "):
+            name = line.split()[1]
+            entries[name] = line
+        else:
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def test_the_docstring_lists_every_command_and_is_the_help_description():
+    """--help's description is the module docstring's: its summary and its usage block, one
+    entry per command with that command's flags and their defaults, so none can drift."""
+    summary, usage = cli.doc_summary_and_usage()
+    synopsis = _synopsis()
+    assert set(synopsis) == set(cli.COMMANDS) | {"--help"}
+    for name in cli.COMMANDS:
+        assert f"`{name}`" in cli.__doc__.split("\n\n", 2)[2], name  # and in the prose
+    for name, (_, flag_names) in cli.COMMANDS.items():
+        for flag_name in flag_names:
+            default = cli.FLAGS[flag_name].default
+            shown = ("--nomodel" if flag_name == "model" else
+                     f"--{flag_name}=" if default is None else f"--{flag_name}={default}")
+            assert shown in synopsis[name], (name, shown)
+    from parity_tests import upstream
+
+    for flag in upstream.FLAGS.flags_by_module_dict()[upstream.__name__]:
+        assert f"--{flag.name}=" in synopsis["upstream"], flag.name
+    out = _cli("--help").stdout.splitlines()
+    assert out[0] == summary == ("tbo-parity: check the PyTorch implementation of two-batch "
+                                 "overlap against the JAX spec.")
+    start = out.index("usage:") + 1
+    assert out[start:start + len(usage)] == [f"  {line}" for line in usage]
+
+
+def test_a_closed_stdout_ends_quietly_with_141():
+    """A reader gone before the output (`tbo-parity --help | head -1`, or any command piped into
+    one): no BrokenPipeError traceback, nothing on stderr, exit status 141 (128 + SIGPIPE)."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # closed before the command writes anything: every write fails, no race
+    try:
+        for args in (["--help"], ["run", "--nomodel", "--cases_per_mode=1"]):
+            result = subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
+                                    stdout=write, stderr=subprocess.PIPE, text=True)
+            assert (result.returncode, result.stderr) == (141, ""), (args, result.stderr)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("command,target", [
+    ("run", "run_parity"), ("verify", "run_verify"), ("timeline", "run_timeline"),
+    ("upstream", "upstream.main")])
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(command, target, monkeypatch, capsys,
+                                                         tmp_path):
+    from parity_tests import upstream
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    owner, name = (upstream, "main") if target == "upstream.main" else (cli, target)
+    monkeypatch.setattr(owner, name, interrupted)
+    args = {"run": ["--nomodel"], "verify": [], "timeline": [f"--out={tmp_path / 't.png'}"],
+            "upstream": ["--sglang_version=0.5.23"]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tbo-parity", command, *args])
+    assert exit_.value.code == 130
+    assert capsys.readouterr() == ("", "tbo-parity: interrupted\n")
+
+
 def test_help_and_usage_errors_import_neither_torch_nor_jax():
     code = ("import sys; from parity_tests import cli; cli._main(['tbo-parity', '--help']); "
             "cli._main(['tbo-parity', 'walk']); "

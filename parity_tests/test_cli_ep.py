@@ -4,6 +4,7 @@ and the overlap picture (on a CPU, of a tiny model)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,82 @@ def test_bad_usage_is_one_line_and_exit_two(args, words):
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nproc_not_dividing_the_experts_is_a_usage_error_before_any_work():
+    """The expert count is the EP model's (what ep_parity's ranks build), not a constant here."""
+    from parity_tests import model_parity as mp
+
+    experts = cli.ep_num_experts()
+    assert experts == mp.make_models(0)[1].num_experts
+    nproc = next(n for n in range(2, experts + 2) if experts % n)
+    result = _cli("run", f"--nproc={nproc}")
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"tbo-parity: --nproc={nproc} ")
+    assert f"{experts} experts" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_nproc_check_follows_the_expert_count(monkeypatch):
+    monkeypatch.setattr(cli, "ep_num_experts", lambda: 6)
+    cli.check_nproc_divides_experts(3)
+    cli.check_nproc_divides_experts(6)
+    with pytest.raises(cli.CommandLineError, match="--nproc=4 must divide the model's 6 "
+                                                   "experts.*1, 2, 3, 6$"):
+        cli.check_nproc_divides_experts(4)
+
+
+@pytest.fixture
+def no_recording(monkeypatch):
+    """Any launch of ranks fails the test: the errors below come before recording."""
+    from parity_tests import ep_parity
+
+    def launch(*args, **kwargs):
+        raise AssertionError("recorded before checking the command line")
+
+    monkeypatch.setattr(ep_parity, "launch", launch)
+
+
+def _one_line_exit_two(argv, capsys) -> str:
+    assert cli._main(["tbo-parity", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("tbo-parity: ")
+    return err
+
+
+def test_timeline_without_matplotlib_says_how_to_install_it(no_recording, monkeypatch, capsys,
+                                                            tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
+    err = _one_line_exit_two(["timeline", f"--out={tmp_path / 'step.png'}"], capsys)
+    assert 'pip install ".[viz]"' in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _file_in_the_way(tmp_path):
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file" / "pictures" / "step.png"
+
+
+def _a_directory(tmp_path):
+    (tmp_path / "step.png").mkdir()
+    return tmp_path / "step.png"
+
+
+def _unwritable_folder(tmp_path):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    return tmp_path / "locked" / "pictures" / "step.png"
+
+
+@pytest.mark.parametrize("make_out", [
+    _file_in_the_way, _a_directory,
+    pytest.param(_unwritable_folder, marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root writes into a folder of mode 0500")),
+], ids=["file-in-the-way", "a-directory", "unwritable-folder"])
+def test_an_out_that_cannot_be_written_is_a_usage_error_before_recording(
+        make_out, no_recording, capsys, tmp_path):
+    out = make_out(tmp_path)
+    err = _one_line_exit_two(["timeline", f"--out={out}"], capsys)
+    assert err.startswith(f"tbo-parity: --out={out}: ")
 
 
 def test_upstream_is_dispatched_with_its_own_flags():
