@@ -1,0 +1,83 @@
+"""The pure parts of ``benchmarks/overlap.py``'s report: the replayed-graph timeline built from
+a kernel trace, the crossover, bit-identity across launches and the targets' verdicts.
+Synthetic inputs, so every expected value is worked out here by hand."""
+
+from __future__ import annotations
+
+from benchmarks import overlap as ob
+
+NAMES = [["prep"], ["core"], ["launch"]]
+
+
+def kernel(name, ts, dur, stream=7):
+    return {"name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_graph_intervals_attribute_kernels_to_the_marked_stage():
+    """Two stages of A then one of B; kernels on any stream belong to the stage whose marker
+    last started before them; NCCL kernels are the exchanges, labelled in capture order."""
+    kernels = [
+        kernel("spin_kernel", 0, 1), kernel("gemm", 2, 10), kernel("copy", 13, 2, stream=9),
+        kernel("spin_kernel", 20, 1), kernel("attn", 22, 8, stream=11),
+        kernel("ncclDevKernel_SendRecv", 25, 30, stream=13),
+        kernel("spin_kernel", 40, 1), kernel("gemm", 42, 4),
+    ]
+    stages = [(0, 0), (0, 1), (1, 0)]
+    exchanges = [("dispatch", 0), ("dispatch (layout)", 0)]  # the layout permute is no NCCL
+    got = ob.graph_intervals(sorted(kernels, key=lambda k: k["ts"]), stages, exchanges, NAMES)
+    compute = [i for i in got["intervals"] if i["lane"] == "compute"]
+    comm = [i for i in got["intervals"] if i["lane"] == "comm"]
+    assert [(i["label"], i["start_ms"], i["end_ms"]) for i in compute] == [
+        ("a0: prep", 0.002, 0.015), ("a1: core", 0.022, 0.030), ("b0: prep", 0.042, 0.046)]
+    assert [(i["micro_batch"], i["label"], i["start_ms"], i["end_ms"]) for i in comm] == [
+        ("a", "dispatch", 0.025, 0.055)]
+    assert got["step_ms"] == 0.055 and got["nccl_kernels"] == 1 and got["exchanges"] == 1
+
+
+def test_graph_intervals_refuse_a_trace_whose_markers_do_not_match():
+    kernels = [kernel("spin_kernel", 0, 1), kernel("gemm", 2, 10)]
+    got = ob.graph_intervals(kernels, [(0, 0), (1, 0)], [], NAMES)
+    assert got == {"error": "1 marker kernels for 2 stages"}
+
+
+def test_graph_intervals_leave_out_exchanges_they_cannot_match():
+    """Two exchanges noted at capture but one NCCL kernel in the trace: no comm lane rather
+    than a wrong one."""
+    kernels = [kernel("spin_kernel", 0, 1), kernel("ncclKernel", 2, 5)]
+    got = ob.graph_intervals(kernels, [(0, 0)], [("dispatch", 0), ("combine", 0)], NAMES)
+    assert not [i for i in got["intervals"] if i["lane"] == "comm"]
+
+
+def row(tokens, speedup, link="network", context=2048, transport="all_to_all", **extra):
+    return {"link": link, "context": context, "transport": transport, "tokens": tokens,
+            "speedup": speedup} | extra
+
+
+def test_crossover_is_the_first_count_from_which_tbo_always_wins():
+    rows = [row(32, 0.9), row(128, 1.1), row(256, 0.99), row(512, 1.2), row(1024, 1.3),
+            row(32, 1.5, link="nvlink"), row(64, 0.5, link="nvlink")]
+    assert ob.crossover(rows) == {"network/2048/all_to_all": 512,
+                                  "nvlink/2048/all_to_all": None}
+
+
+def test_bitwise_compares_every_transport_on_every_link():
+    digests = {"nvlink": {"2048/32/all_to_all": "x", "2048/32/copy_engine": "x",
+                          "2048/64/all_to_all": "y"},
+               "network": {"2048/32/all_to_all": "x", "2048/64/all_to_all": "z"}}
+    assert ob.bitwise(digests) == {"2048/32": True, "2048/64": False}
+
+
+def test_targets_are_met_missed_or_not_measured():
+    decode = [row(256, 1.3, hidden_fraction=0.9, limit_ratio=1.05),
+              row(512, 1.2, hidden_fraction=0.7, limit_ratio=1.2),
+              row(32, 0.5, hidden_fraction=0.1, limit_ratio=2.0)]  # below 256: not judged
+    report = {"decode": decode, "prefill": [], "bitwise": {"2048/256": True}}
+    verdicts = {t["target"]: t["met"] for t in ob.targets(report)}
+    decode_graphs = "network, decode graphs, T >= 256: "
+    assert verdicts[decode_graphs + "TBO >= 1.25x plain"] is False  # 1.2x at 512 misses
+    assert verdicts[decode_graphs + "TBO <= 1.10x max(compute, comm)"] is False
+    assert verdicts[decode_graphs + "hidden fraction >= 0.8"] is False
+    assert verdicts["nvlink, prefill, T >= 4096: TBO no slower than plain"] is None  # none run
+    assert verdicts["logits bit for bit equal across transports and links"] is True
+    good = {"decode": decode[:1], "prefill": [], "bitwise": {}}
+    assert all(t["met"] in (True, None) for t in ob.targets(good))
