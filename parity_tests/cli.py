@@ -591,7 +591,7 @@ def _main(argv: list) -> int:
     if len(argv) > 1 and argv[1] == "upstream":  # a command with its own flags
         from parity_tests import upstream
 
-        return upstream.main([f"{argv[0]} upstream", *argv[2:]])
+        return upstream.main([f"{argv[0]} upstream", *argv[2:]], prog="tbo-parity")
     try:
         command = parse(argv)
         check_before_work(command)

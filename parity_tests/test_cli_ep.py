@@ -199,7 +199,27 @@ def test_an_out_that_cannot_be_written_is_a_usage_error_before_recording(
 def test_upstream_is_dispatched_with_its_own_flags():
     """`tbo-parity upstream` runs parity_tests/upstream.py's command: its own usage errors
     (the command itself is tested in parity_tests/test_upstream.py)."""
-    result = _cli("upstream")
-    assert result.returncode == 2 and "--sglang_version" in result.stderr
-    result = _cli("upstream", "--nproc=2")
-    assert result.returncode == 2 and "nproc" in result.stderr
+    for args, says in [((), "--sglang_version"), (("--nproc=2",), "nproc"),
+                       (("--sglang_source=/no/such/sglang",),
+                        "--sglang_source=/no/such/sglang: no such file or directory")]:
+        result = _cli("upstream", *args)
+        assert (result.returncode, result.stdout) == (2, ""), args
+        assert result.stderr.startswith("tbo-parity: ") and says in result.stderr, args
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_upstream_says_what_it_does_on_stderr_first(tmp_path):
+    """Its first line on stderr names the first phase, printed before that phase's work (the
+    phases themselves: parity_tests/test_upstream.py)."""
+    from parity_tests.test_upstream import FAITHFUL
+
+    source = tmp_path / "two_batch_overlap.py"
+    source.write_text(FAITHFUL)
+    result = _cli("upstream", f"--sglang_source={source}", "--cases_per_mode=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("tbo-parity upstream: computing the spec's outcomes (1 batches")
+    assert lines[1:] == [f"tbo-parity upstream: reading {source}",
+                         f"tbo-parity upstream: lifting the split functions of {source}",
+                         lines[3]] and lines[3].endswith(f"cases through {source} and the spec")
+    assert "verdict: AGREES" in result.stdout

@@ -9,6 +9,10 @@ when the package index cannot be reached, and only then.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
+
 import pytest
 
 from parity_tests import upstream
@@ -267,12 +271,100 @@ def test_a_source_tree_is_searched_for_the_module(tmp_path):
         upstream.read_source(tmp_path / "elsewhere")
 
 
-def test_usage_errors_exit_2(tmp_path, capsys):
-    assert upstream.main(["upstream"]) == 2
-    assert upstream.main(["upstream", "--cases_per_mode=0"]) == 2
-    assert upstream.main(["upstream", f"--sglang_source={tmp_path / 'missing.py'}",
-                          "--cases_per_mode=1"]) == 2
-    assert "no such file" in capsys.readouterr().out
+def _never(*args, **kwargs):
+    raise AssertionError("work started after a usage error")
+
+
+def test_usage_errors_exit_2_with_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """Run as `python -m parity_tests.upstream` they start with "upstream:" (as `tbo-parity
+    upstream`, with "tbo-parity:", parity_tests/test_cli_ep.py); a missing --sglang_source is
+    refused before the spec's side is built or anything is fetched."""
+    for name in ("SpecSide", "all_probes", "fetch_release", "read_source", "load_release"):
+        monkeypatch.setattr(upstream, name, _never)
+    missing = tmp_path / "missing.py"
+    for args, says in [([], "give --sglang_version=V"), (["--cases_per_mode=0"], "cases_per_mode"),
+                       ([f"--sglang_source={missing}", "--cases_per_mode=1"],
+                        f"--sglang_source={missing}: no such file or directory"),
+                       (["--sglang_version=0.4.7", f"--sglang_source={missing}"],
+                        "no such file or directory")]:
+        assert upstream.main(["upstream", *args]) == 2, args
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, (args, out, err)
+        assert err.startswith("upstream: ") and says in err, (args, err)
+    assert upstream.main(["upstream", f"--sglang_source={missing}"], prog="tbo-parity") == 2
+    assert capsys.readouterr().err == (
+        f"tbo-parity: --sglang_source={missing}: no such file or directory\n")
+
+
+def test_python_m_keeps_its_own_prefix():
+    result = subprocess.run([sys.executable, "-m", "parity_tests.upstream"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "upstream: give --sglang_version=V (repeatable) or --sglang_source=PATH\n")
+
+
+def test_each_phase_says_so_on_stderr_before_it_starts(tmp_path, capsys, monkeypatch, probes):
+    """Progress: one line per phase on stderr, each printed before its phase's work starts;
+    the first before the spec's side (JAX) is built. A release from the cache (a wheel put
+    there: offline) and a source on disk."""
+    wheel = tmp_path / "cache" / "9.9.9" / "sglang-9.9.9-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("sglang/srt/two_batch_overlap.py", FAITHFUL)
+    source = tmp_path / "two_batch_overlap.py"
+    source.write_text(FAITHFUL)
+    out, err, started = [], [], []  # stdout, stderr so far; (phase, the last stderr line)
+
+    def announced(name, function):
+        def wrapped(*args, **kwargs):
+            now = capsys.readouterr()
+            out.append(now.out)
+            err.extend(now.err.splitlines())
+            started.append((name, err[-1] if err else None))
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(upstream, "all_probes", lambda *args: probes)  # a small run
+    for name in ("SpecSide", "fetch_release", "read_source", "load_release", "compare"):
+        monkeypatch.setattr(upstream, name, announced(name, getattr(upstream, name)))
+    status = upstream.main(["tbo-parity upstream", "--sglang_version=9.9.9",
+                            f"--sglang_source={source}", f"--cache_dir={tmp_path / 'cache'}"],
+                           prog="tbo-parity")
+    assert status == 0
+    now = capsys.readouterr()
+    err.extend(now.err.splitlines())
+    assert "".join(out + [now.out]).count("verdict: AGREES") == 2
+    spec = ("tbo-parity upstream: computing the spec's outcomes (1000 batches per mode, "
+            "replays, data-parallel reports, bad input)")
+    fetching = f"tbo-parity upstream: fetching sglang==9.9.9 (cached at {wheel})"
+    lifting = "tbo-parity upstream: lifting the split functions of "
+    running = f"tbo-parity upstream: running {len(probes)} cases through "
+    assert started == [
+        ("SpecSide", spec), ("fetch_release", fetching), ("read_source", fetching),
+        ("load_release", lifting + "sglang/srt/two_batch_overlap.py"),
+        ("compare", running + "sglang 9.9.9 and the spec"),
+        ("read_source", f"tbo-parity upstream: reading {source}"),
+        ("load_release", lifting + str(source)),
+        ("compare", running + f"{source} and the spec")]
+    assert err == [spec, fetching, lifting + "sglang/srt/two_batch_overlap.py",
+                   running + "sglang 9.9.9 and the spec", f"tbo-parity upstream: reading {source}",
+                   lifting + str(source), running + f"{source} and the spec"]
+
+
+def test_a_release_not_cached_says_where_it_is_fetched_to(tmp_path, capsys, monkeypatch):
+    def unreachable(version, cache_dir):
+        raise upstream.SourceError(f"could not fetch sglang=={version}: no network", True)
+
+    monkeypatch.setattr(upstream, "SpecSide", lambda: None)
+    monkeypatch.setattr(upstream, "all_probes", lambda *args: [])
+    monkeypatch.setattr(upstream, "fetch_release", unreachable)
+    assert upstream.main(["upstream", "--sglang_version=9.9.9",
+                          f"--cache_dir={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines()[1] == (
+        f"upstream: fetching sglang==9.9.9 into {tmp_path / '9.9.9'} (pip download --no-deps)")
+    assert out == "== sglang 9.9.9\nerror: could not fetch sglang==9.9.9: no network\n\n"
 
 
 def test_a_real_release_is_loaded_from_its_wheel_and_matches_its_rule():

@@ -7,9 +7,12 @@ What this file proves:
   have yet, IDLE graph replay, validation) is given its own reason, and the neighbouring
   difference that is *not* that one (the same outcome in EXTEND, in a release that has
   TARGET_VERIFY, in IDLE outside graph replay, on input the spec accepts) is unexplained;
-- the EXTEND rule a release follows is named from the rule functions alone: a bug in a function
-  outside the rules (the data-parallel agreement) leaves the rule detected and is reported as
-  an unexplained disagreement, with exit status 1; without the bug the same module passes;
+- the EXTEND rule a release follows is named from the rule functions alone: a change in a
+  function outside the rules (the data-parallel agreement) leaves the rule detected;
+- the data-parallel rule a release follows is named too (``reference.split.DP_RULES``): the
+  old agreement of 0.4.7 to 0.4.9.post3 ("idle_as_decode") passes with exit status 0, while a
+  data-parallel bug that fits neither rule is reported as unexplained disagreements, with exit
+  status 1;
 - each of ``reference.split.EXTEND_SPLITS`` is named for a module that follows it, and a module
   that follows none is reported as matching no rule;
 - ``Report`` counts only unexplained disagreements, and is ok only under a rule.
@@ -79,11 +82,16 @@ NO_RULE = changed(
     FAITHFUL, "    return not (total * share <= left <= total * (1 - share))\n",
     "    return not (total * share < left < total * (1 - share))\n")
 # The data-parallel agreement of 0.4.7 to 0.4.9.post3 (docs/upstream.md): an idle rank counts
-# as DECODE. Outside the EXTEND rule functions.
+# as DECODE, the rule "idle_as_decode". Outside the EXTEND rule functions.
 DP_CLASS = FAITHFUL[FAITHFUL.index("class TboDPAttentionPreparer:"):]
 IDLE_AS_DECODE = (
     "        busy = [mode for mode in forward_modes if mode != ForwardMode.IDLE.value]\n",
     "        busy = [ForwardMode.DECODE.value if mode == ForwardMode.IDLE.value else mode\n"
+    "                for mode in forward_modes]\n")
+# A data-parallel bug that fits neither rule: an idle rank counts as EXTEND.
+IDLE_AS_EXTEND = (
+    IDLE_AS_DECODE[0],
+    "        busy = [ForwardMode.EXTEND.value if mode == ForwardMode.IDLE.value else mode\n"
     "                for mode in forward_modes]\n")
 BALANCED_WITH_DP = BALANCED_ONLY + "\n\n" + DP_CLASS
 # BALANCED_ONLY with its own ForwardMode, which has no TARGET_VERIFY member.
@@ -402,67 +410,116 @@ def test_the_extend_rule_a_module_follows_is_named_and_none_when_it_follows_none
 
 
 # ---------------------------------------------------------------------------------------------
-# A bug outside the rule functions: the data-parallel agreement.
+# The data-parallel rule: named like the EXTEND rule; a bug that fits neither rule is reported.
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text, rule", [(FAITHFUL, "two_chunk"), (BALANCED_WITH_DP, "balanced"),
                                         (GUARDED, "guarded_two_chunk")],
                          ids=["two_chunk", "balanced", "guarded_two_chunk"])
-def test_a_dp_agreement_bug_is_reported_and_the_extend_rule_still_detected(
+def test_the_old_dp_rule_is_named_and_the_extend_rule_still_detected(
         release, probes, text, rule):
-    """An idle rank counted as DECODE (0.4.7's agreement): the EXTEND rule is named as without
-    the bug, with the same per-rule counts; the reports holding an idle rank, and only those,
-    disagree, unexplained; the release fails. Without the bug it passes."""
+    """An idle rank counted as DECODE (the agreement of 0.4.7 to 0.4.9.post3): the release is
+    named "idle_as_decode", its data-parallel reports all agree under it, and it passes; the
+    EXTEND rule is named as without it, with the same per-rule counts. The same module with
+    the current agreement is named "idle_left_out"."""
     good = upstream.compare(release(text), probes)
     assert good.rule == rule and good.ok and good.results["dp_agreement"].agree > 0
+    assert good.dp_rule == "idle_left_out"
+    assert good.dp_rule_counts["idle_left_out"] == 0 < good.dp_rule_counts["idle_as_decode"]
+    assert f"DP rule:     idle_left_out  (" in upstream.format_report(good)
 
-    bad = upstream.compare(release(changed(text, *IDLE_AS_DECODE)), probes)
-    assert bad.rule == rule and bad.rule_counts == good.rule_counts
-    dp = bad.results["dp_agreement"]
-    assert dp.differ > 0 and dp.expected == {} and bad.unexplained == dp.differ
-    assert not bad.ok
-    assert f"verdict: {dp.differ} unexplained disagreement(s)" in upstream.format_report(bad)
+    old = upstream.compare(release(changed(text, *IDLE_AS_DECODE)), probes)
+    assert old.rule == rule and old.rule_counts == good.rule_counts
+    assert old.dp_rule == "idle_as_decode" and old.ok and old.unexplained == 0
+    dp = old.results["dp_agreement"]
+    assert dp.cases == dp.agree > 0 and dp.expected == {} and dp.examples == []
+    text_out = upstream.format_report(old)
+    assert "DP rule:     idle_as_decode  (" in text_out and "verdict: AGREES" in text_out
 
-    # Which reports differ follows from the bug: some with an idle rank, none without one.
+    # Which reports the rules tell apart: some with an idle rank, none without one; as many as
+    # the default rule counts against the release.
     dp_probes = [p for p in probes if p.role == "dp_agreement"]
-    idle = [p for p in dp_probes if has_idle_rank(p)]
+    apart = [p for p in dp_probes if p.dp_spec["idle_left_out"] != p.dp_spec["idle_as_decode"]]
+    assert apart and all(has_idle_rank(p) for p in apart)
+    assert old.dp_rule_counts == {"idle_left_out": len(apart), "idle_as_decode": 0}
+    assert good.dp_rule_counts == {"idle_left_out": 0, "idle_as_decode": len(apart)}
+    # docs/spec.md, "Data-parallel agreement": every rank idle runs DECODE under the old rule
+    # (not at all under the default); an idle rank beside EXTEND refuses it (the default runs
+    # EXTEND). Under the default rule, each is an unexplained difference.
+    for ranks, current, idle_as_decode in [
+            ("[(True, None)]", (False, None), (True, "DECODE")),
+            ("[(True, None), (True, 'EXTEND')]", (True, "EXTEND"), (False, None))]:
+        probe = one(dp_probes, "dp_agreement", literal=f"compute_dp_tbo_decision({ranks})")
+        theirs = upstream.upstream_outcome(old.release, probe, rule)
+        assert probe.dp_spec == {"idle_left_out": current, "idle_as_decode": idle_as_decode}
+        assert theirs == idle_as_decode and probe.spec(rule) == current
+        assert upstream.classify(old.release, probe, current, theirs) == UNEXPLAINED
+
+
+@pytest.mark.parametrize("text, rule", [(FAITHFUL, "two_chunk"), (BALANCED_WITH_DP, "balanced")],
+                         ids=["two_chunk", "balanced"])
+def test_a_dp_bug_that_fits_neither_rule_is_reported_and_the_extend_rule_still_detected(
+        release, probes, text, rule):
+    """An idle rank counted as EXTEND fits neither data-parallel rule: no rule is named, the
+    reports are compared under the default and their disagreements are unexplained (those
+    with an idle rank, and only those); the EXTEND rule is still named; the release fails."""
+    good = upstream.compare(release(text), probes)
+    bad = upstream.compare(release(changed(text, *IDLE_AS_EXTEND)), probes)
+    assert bad.rule == rule and bad.rule_counts == good.rule_counts
+    assert bad.dp_rule is None and min(bad.dp_rule_counts.values()) > 0
+    dp = bad.results["dp_agreement"]
+    assert dp.differ == bad.dp_rule_counts["idle_left_out"]  # compared under the default
+    assert dp.expected == {} and bad.unexplained == dp.differ and not bad.ok
+    text_out = upstream.format_report(bad)
+    assert "DP rule:     matches NO rule; compared under the default  (" in text_out
+    assert f"verdict: {dp.differ} unexplained disagreement(s)" in text_out
+    dp_probes = [p for p in probes if p.role == "dp_agreement"]
     for probe in dp_probes:
         if not has_idle_rank(probe):
             assert probe.spec(rule) == upstream.upstream_outcome(bad.release, probe, rule), \
                 probe.literal
-    assert 0 < dp.differ < len(idle)
-    # docs/spec.md, "Data-parallel agreement": TBO runs only if a rank is busy (every rank idle:
-    # the bug runs DECODE), in the busy ranks' mode (an idle rank beside EXTEND: the bug
-    # refuses). Both unexcused.
-    for ranks, spec, buggy in [("[(True, None)]", (False, None), (True, "DECODE")),
-                               ("[(True, None), (True, 'EXTEND')]", (True, "EXTEND"),
-                                (False, None))]:
-        probe = one(dp_probes, "dp_agreement", literal=f"compute_dp_tbo_decision({ranks})")
-        theirs = upstream.upstream_outcome(bad.release, probe, rule)
-        assert (probe.spec(rule), theirs) == (spec, buggy)
-        assert upstream.classify(bad.release, probe, spec, theirs) == UNEXPLAINED
+    assert 0 < dp.differ < sum(has_idle_rank(p) for p in dp_probes)
+    all_idle = one(dp_probes, "dp_agreement", literal="compute_dp_tbo_decision([(True, None)])")
+    assert upstream.upstream_outcome(bad.release, all_idle, rule) == (True, "EXTEND")
 
 
-def test_the_cli_exits_1_on_the_dp_bug_naming_the_rule_and_0_without_it(
+def test_a_release_without_the_dp_agreement_names_no_dp_rule_and_prints_none(release, probes):
+    """No data-parallel agreement in the module: nothing to name, no DP line, and it passes."""
+    report = upstream.compare(release(BALANCED_ONLY), probes)
+    assert "dp_agreement" not in report.release.roles
+    assert report.ok and report.dp_rule is None and report.dp_rule_counts == {}
+    assert "DP rule:" not in upstream.format_report(report)
+
+
+def test_the_cli_exits_0_on_the_old_dp_rule_naming_it_and_1_on_a_dp_bug_of_neither_rule(
         tmp_path, capsys, monkeypatch, probes):
-    """`upstream --sglang_source=`: exit 1 and the rule still named with the data-parallel
-    disagreement printed; the same module without the bug exits 0. (The run's probes are this
-    file's small set: building the command's own is test_upstream.py's business.)"""
+    """`upstream --sglang_source=`: the old agreement exits 0 with both rules named; a
+    data-parallel bug that fits neither rule exits 1, the EXTEND rule still named and the
+    disagreement printed; the current agreement exits 0. (The run's probes are this file's
+    small set: building the command's own is test_upstream.py's business.)"""
     monkeypatch.setattr(upstream, "all_probes", lambda *args, **kwargs: probes)
-    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good, old, bad = tmp_path / "good.py", tmp_path / "old.py", tmp_path / "bad.py"
     good.write_text(FAITHFUL)
-    bad.write_text(changed(FAITHFUL, *IDLE_AS_DECODE))
+    old.write_text(changed(FAITHFUL, *IDLE_AS_DECODE))
+    bad.write_text(changed(FAITHFUL, *IDLE_AS_EXTEND))
     flags = ["--cases_per_mode=1", "--examples=1"]
+    assert upstream.main(["upstream", f"--sglang_source={old}", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "EXTEND rule: two_chunk  (" in out and "DP rule:     idle_as_decode  (" in out
+    assert "verdict: AGREES" in out and "first disagreements:" not in out
     assert upstream.main(["upstream", f"--sglang_source={bad}", *flags]) == 1
     out = capsys.readouterr().out
-    assert "EXTEND rule: two_chunk  (" in out
+    assert "EXTEND rule: two_chunk  (" in out and "DP rule:     matches NO rule" in out
     assert "  dp_agreement: compute_dp_tbo_decision(" in out
     assert "unexplained disagreement(s)" in out and "verdict: AGREES" not in out
     assert upstream.main(["upstream", f"--sglang_source={good}", *flags]) == 0
     out = capsys.readouterr().out
-    assert "EXTEND rule: two_chunk  (" in out and "verdict: AGREES" in out
-    assert "first disagreements:" not in out
+    assert "EXTEND rule: two_chunk  (" in out and "DP rule:     idle_left_out  (" in out
+    assert "verdict: AGREES" in out and "first disagreements:" not in out
+    # Both releases together: the worst status.
+    assert upstream.main(["upstream", f"--sglang_source={old}", f"--sglang_source={bad}",
+                          *flags]) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +555,7 @@ def test_compare_counts_every_probe_once_and_keeps_at_most_the_examples_asked(
         release, probes, examples):
     """Per function, cases = agree + expected + differ over the probes run; at most
     ``examples`` disagreements are kept, every disagreement still counted."""
-    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_DECODE)), probes, examples)
+    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_EXTEND)), probes, examples)
     for role, result in report.results.items():
         run = sum(p.role == role for p in probes)
         assert result.cases == run == result.agree + sum(result.expected.values()) + \
@@ -514,7 +571,7 @@ def test_compare_keeps_three_examples_by_default_and_times_itself(release, probe
     import time
 
     start = time.perf_counter()
-    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_DECODE)), probes)
+    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_EXTEND)), probes)
     elapsed = time.perf_counter() - start
     dp = report.results["dp_agreement"]
     assert dp.differ > 3 and len(dp.examples) == 3

@@ -1040,20 +1040,36 @@ def _versions(values: list) -> list:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-def main(argv: Optional[list] = None) -> int:
-    """Check SGLang releases against the spec; the exit status (0, 1, 2; see the docstring)."""
+def _progress(command: str, message: str) -> None:
+    """One line on stderr as a phase starts (the report itself goes to stdout)."""
+    print(f"{command}: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[list] = None, prog: str = "upstream") -> int:
+    """Check SGLang releases against the spec; the exit status (0, 1, 2; see the docstring).
+
+    ``prog`` starts the usage errors (one line on stderr, exit 2): "tbo-parity" when run as
+    `tbo-parity upstream`. Each phase (the spec's side, fetching or reading, lifting, running)
+    says so on stderr, one line, before it starts."""
     argv = list(sys.argv if argv is None else argv)
     try:
         FLAGS.unparse_flags()
         FLAGS(argv)
     except flags.Error as error:
-        print(f"upstream: {str(error).splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     versions, paths = _versions(FLAGS.sglang_version), list(FLAGS.sglang_source)
     if not versions and not paths:
-        print("upstream: give --sglang_version=V (repeatable) or --sglang_source=PATH",
+        print(f"{prog}: give --sglang_version=V (repeatable) or --sglang_source=PATH",
               file=sys.stderr)
         return 2
+    for path in paths:  # refused before any work
+        if not os.path.exists(os.path.expanduser(path)):
+            print(f"{prog}: --sglang_source={path}: no such file or directory", file=sys.stderr)
+            return 2
+    command = "upstream" if prog == "upstream" else f"{prog} upstream"
+    _progress(command, f"computing the spec's outcomes ({FLAGS.cases_per_mode} batches per "
+                       "mode, replays, data-parallel reports, bad input)")
     side = SpecSide()
     probes = all_probes(side, FLAGS.cases_per_mode, FLAGS.seed)
     status = 0
@@ -1061,12 +1077,22 @@ def main(argv: Optional[list] = None) -> int:
     for label, version, path in targets:
         try:
             if version is not None:
+                folder = pathlib.Path(os.path.expanduser(FLAGS.cache_dir)) / version
+                cached = _archives(folder)
+                _progress(command, f"fetching sglang=={version} " + (
+                    f"(cached at {cached[0]})" if cached else
+                    f"into {folder} (pip download --no-deps)"))
                 path = fetch_release(version, FLAGS.cache_dir)
-            release = load_release(read_source(path, label))
+            else:
+                _progress(command, f"reading {path}")
+            source = read_source(path, label)
+            _progress(command, f"lifting the split functions of {source.module_path}")
+            release = load_release(source)
         except SourceError as error:
             print(f"== {label}\nerror: {error}\n", flush=True)
             status = max(status, 2)
             continue
+        _progress(command, f"running {len(probes)} cases through {label} and the spec")
         report = compare(release, probes, FLAGS.examples)
         print(format_report(report), flush=True)
         if not report.ok:

@@ -43,6 +43,12 @@ DEFAULT_THRESHOLD = 0.48
 EXTEND_SPLITS = ("balanced", "two_chunk", "guarded_two_chunk")
 DEFAULT_EXTEND_SPLIT = "two_chunk"
 
+# How data-parallel ranks agree (docs/spec.md, "Data-parallel agreement"): the options, and the
+# default. "idle_left_out": idle ranks take no part in the agreement; "idle_as_decode": an idle
+# rank counts as a DECODE rank (SGLang 0.4.7 to 0.4.9.post3).
+DP_RULES = ("idle_left_out", "idle_as_decode")
+DEFAULT_DP_RULE = "idle_left_out"
+
 
 class ForwardMode(enum.Enum):
     """What a forward pass does. Only the first four take part in two-batch overlap."""
@@ -58,6 +64,11 @@ class ForwardMode(enum.Enum):
 
 TBO_MODES = (ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.IDLE)
 UNIFORM_MODES = (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY)  # a fixed token count per seq
+
+
+def _mode_code(mode: ForwardMode) -> int:
+    """A mode as the pure data-parallel function takes it: its index in ForwardMode."""
+    return list(ForwardMode).index(mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,13 +249,17 @@ def derive_uniform_children(seq_lens, num_seqs, token_num_per_seq):
     return a, b
 
 
-def dp_tbo_decision(can_run, mode_codes):
-    """Data-parallel agreement over R ranks.
+def dp_tbo_decision(can_run, mode_codes, dp_rule: str = DEFAULT_DP_RULE):
+    """Data-parallel agreement over R ranks, under the rule ``dp_rule`` (static).
 
-    can_run: [R] bool; mode_codes: [R] int, -1 for an idle rank.
+    can_run: [R] bool; mode_codes: [R] int (a mode's index in ForwardMode), -1 for an idle rank.
     Returns (run_tbo, global_mode_code); the code is -1 when TBO does not run.
-    TBO runs iff every rank can run it, some rank is not idle, and all non-idle ranks agree.
+    TBO runs iff every rank can run it, some rank is not idle, and all non-idle ranks agree;
+    under "idle_as_decode" an idle rank first becomes a DECODE rank.
     """
+    _check_dp_rule(dp_rule)
+    if dp_rule == "idle_as_decode":
+        mode_codes = jnp.where(mode_codes < 0, _mode_code(ForwardMode.DECODE), mode_codes)
     busy = mode_codes >= 0
     some_busy = jnp.any(busy)
     first_busy = jnp.argmax(busy)  # index of the first non-idle rank (0 if none)
@@ -400,6 +415,13 @@ def _check_extend_split(extend_split) -> str:
         raise ValueError(f"extend_split must be one of {EXTEND_SPLITS}, "
                          f"got {_describe(extend_split)}")
     return extend_split
+
+
+def _check_dp_rule(dp_rule) -> str:
+    """One of DP_RULES (a str; checked in the pure function too, where it is static)."""
+    if not (isinstance(dp_rule, str) and dp_rule in DP_RULES):
+        raise ValueError(f"dp_rule must be one of {DP_RULES}, got {_describe(dp_rule)}")
+    return dp_rule
 
 
 def _check_extend_lens(extend_lens) -> list:
@@ -713,16 +735,19 @@ def _check_rank(index: int, rank) -> tuple:
     return can_run, mode
 
 
-def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
-    """(run_tbo, global_mode) for data-parallel ranks reporting (can_run_tbo, mode or None).
+def compute_dp_tbo_decision(per_rank: Sequence, dp_rule=DEFAULT_DP_RULE) -> tuple:
+    """(run_tbo, global_mode) for data-parallel ranks reporting (can_run_tbo, mode or None),
+    under the rule ``dp_rule``.
 
     An idle rank reports mode None (ForwardMode.IDLE is taken as idle too). A rank that says it
     can run TBO must report a mode TBO supports.
     """
+    ranks = _check_per_rank(per_rank)
+    dp_rule = _check_dp_rule(dp_rule)
     codes, can_run = [], []
-    for can, mode in _check_per_rank(per_rank):
+    for can, mode in ranks:
         idle = mode is None or mode is ForwardMode.IDLE
-        codes.append(-1 if idle else list(ForwardMode).index(mode))
+        codes.append(-1 if idle else _mode_code(mode))
         can_run.append(can)
-    run, code = dp_tbo_decision(jnp.asarray(can_run), jnp.asarray(codes))
+    run, code = dp_tbo_decision(jnp.asarray(can_run), jnp.asarray(codes), dp_rule)
     return bool(run), (list(ForwardMode)[int(code)] if bool(run) else None)

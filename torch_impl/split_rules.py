@@ -30,6 +30,12 @@ from torch_impl.forward_mode import TBO_MODES, ForwardMode
 EXTEND_SPLITS = ("balanced", "two_chunk", "guarded_two_chunk")
 DEFAULT_EXTEND_SPLIT = "two_chunk"
 
+# How data-parallel ranks agree (docs/spec.md, "Data-parallel agreement"): the options, and the
+# default. "idle_left_out": idle ranks take no part in the agreement; "idle_as_decode": an idle
+# rank counts as a DECODE rank (SGLang 0.4.7 to 0.4.9.post3).
+DP_RULES = ("idle_left_out", "idle_as_decode")
+DEFAULT_DP_RULE = "idle_left_out"
+
 # The largest count the spec covers (int32): every count and length, and every sum of token
 # counts, must be <= MAX_COUNT. The JAX spec computes in fixed-width integers, so past it the
 # two sides would silently disagree; both reject such input instead.
@@ -172,6 +178,13 @@ def check_extend_split(extend_split) -> str:
         raise ValueError(f"extend_split must be one of {EXTEND_SPLITS}, "
                          f"got {describe(extend_split)}")
     return extend_split
+
+
+def check_dp_rule(dp_rule) -> str:
+    """One of DP_RULES: which data-parallel agreement to apply."""
+    if not (isinstance(dp_rule, str) and dp_rule in DP_RULES):
+        raise ValueError(f"dp_rule must be one of {DP_RULES}, got {describe(dp_rule)}")
+    return dp_rule
 
 
 def check_extend_lens(extend_lens) -> list:

@@ -20,12 +20,14 @@ import torch
 from torch_impl import split_rules as rules
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.forward_mode import TBO_MODES, ForwardMode  # noqa: F401 (TBO_MODES re-exported)
-from torch_impl.split_rules import DEFAULT_EXTEND_SPLIT, EXTEND_SPLITS, MAX_COUNT
+from torch_impl.split_rules import (DEFAULT_DP_RULE, DEFAULT_EXTEND_SPLIT, DP_RULES, EXTEND_SPLITS,
+                                    MAX_COUNT)
 
 DEFAULT_THRESHOLD = 0.48
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "DEFAULT_EXTEND_SPLIT", "EXTEND_SPLITS", "MAX_COUNT", "ForwardMode",
+    "DEFAULT_THRESHOLD", "DEFAULT_EXTEND_SPLIT", "EXTEND_SPLITS", "DEFAULT_DP_RULE", "DP_RULES",
+    "MAX_COUNT", "ForwardMode",
     "TboChild", "token_num_per_seq",
     "compute_split_seq_index", "compute_split_token_index",
     "compute_split_indices_for_cuda_graph_replay", "compute_children_num_token_non_padded",
@@ -296,15 +298,21 @@ def derive_children(forward_mode, seq_lens, extend_lens=None, extend_prefix_lens
     return a, b
 
 
-def compute_dp_tbo_decision(per_rank: Sequence) -> tuple:
-    """(run_tbo, global_mode) from each data-parallel rank's (can_run_tbo, mode or None).
+def compute_dp_tbo_decision(per_rank: Sequence, dp_rule=DEFAULT_DP_RULE) -> tuple:
+    """(run_tbo, global_mode) from each data-parallel rank's (can_run_tbo, mode or None),
+    under the rule ``dp_rule``.
 
     TBO runs only if every rank can run it, some rank is not idle, and all non-idle ranks
     report the same mode, which becomes the global mode. An idle rank reports None
-    (ForwardMode.IDLE is taken as idle too).
+    (ForwardMode.IDLE is taken as idle too). Under "idle_as_decode" an idle rank is a DECODE
+    rank instead (so every rank is busy).
     """
     ranks = rules.check_per_rank(per_rank)
-    busy_modes = {mode for _, mode in ranks if mode is not None and not mode.is_idle()}
+    dp_rule = rules.check_dp_rule(dp_rule)
+    modes = [ForwardMode.IDLE if mode is None else mode for _, mode in ranks]
+    if dp_rule == "idle_as_decode":
+        modes = [ForwardMode.DECODE if mode.is_idle() else mode for mode in modes]
+    busy_modes = {mode for mode in modes if not mode.is_idle()}
     if all(can for can, _ in ranks) and len(busy_modes) == 1:
         return True, busy_modes.pop()
     return False, None
