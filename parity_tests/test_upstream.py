@@ -369,7 +369,8 @@ def test_a_release_not_cached_says_where_it_is_fetched_to(tmp_path, capsys, monk
 
 def test_a_real_release_is_loaded_from_its_wheel_and_matches_its_rule():
     """SGLang 0.4.7 (a small wheel): the balanced rule, no TARGET_VERIFY, and the
-    data-parallel agreement of its time (an all-idle step runs TBO as DECODE)."""
+    data-parallel agreement of its time, the rule "idle_as_decode" (an all-idle step runs TBO
+    as DECODE): named, and the release agrees."""
     try:
         wheel = upstream.fetch_release("0.4.7", upstream.FLAGS["cache_dir"].default)
     except upstream.SourceError as error:
@@ -383,5 +384,7 @@ def test_a_real_release_is_loaded_from_its_wheel_and_matches_its_rule():
     assert release.unknown == []
     report = upstream.compare(release, upstream.all_probes(upstream.SpecSide(), 10, 0, 24))
     assert report.rule == "balanced", upstream.format_report(report)
+    assert report.dp_rule == "idle_as_decode" and report.ok, upstream.format_report(report)
+    assert report.dp_rule_counts["idle_left_out"] > 0  # the current rule would not fit
     dp = report.results["dp_agreement"]
-    assert dp.differ > 0 and dp.examples[0][2] == (True, "DECODE")
+    assert dp.differ == 0 and dp.agree == dp.cases > 0

@@ -21,7 +21,9 @@ For each release it
    report of up to 3 ranks through the release's functions and through ``reference.split``,
    arguments bound by parameter name since signatures differ between releases;
 5. picks the EXTEND split rule the release follows (``reference.split.EXTEND_SPLITS``,
-   docs/spec.md, "EXTEND split rules") and prints, per function, the cases, agreements,
+   docs/spec.md, "EXTEND split rules") and the data-parallel rule
+   (``reference.split.DP_RULES``, docs/spec.md, "Data-parallel agreement"; a release matching
+   neither compared under the default) and prints, per function, the cases, agreements,
    expected differences and disagreements, with the first disagreements as pasteable
    ``SplitCase(...)`` literals.
 
@@ -604,7 +606,8 @@ def _spec_outcome(function: Callable):
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
-    """One comparison. ``spec(rule)`` is the spec's outcome under an EXTEND rule;
+    """One comparison. ``spec(rule)`` is the spec's outcome under an EXTEND rule (for a
+    data-parallel report, under the default data-parallel rule; ``dp_spec`` holds it per rule);
     ``values`` the upstream arguments by name (``post`` turns the raw upstream result into the
     spec's form); ``literal`` a pasteable reproducer."""
 
@@ -617,6 +620,7 @@ class Probe:
     invalid: bool = False
     threshold: float = 0.48
     post: Optional[Callable] = None
+    dp_spec: Optional[dict] = None  # data-parallel rule -> the spec's outcome under it
 
 
 class SpecSide:
@@ -783,7 +787,8 @@ def replay_probes(side: SpecSide, max_graph_bs: int = 256) -> list:
 
 
 def dp_probes(side: SpecSide) -> list:
-    """Every report of 1 to 3 ranks, each (can_run_tbo, mode or None)."""
+    """Every report of 1 to 3 ranks, each (can_run_tbo, mode or None), the spec's outcome under
+    every data-parallel rule."""
     spec = side.spec
     reports = [(can, mode) for can in (True, False)
                for mode in (None, "IDLE", "EXTEND", "DECODE", "TARGET_VERIFY")]
@@ -792,11 +797,14 @@ def dp_probes(side: SpecSide) -> list:
             itertools.product(reports, repeat=k) for k in (1, 2, 3)):
         per_rank = [(can, None if mode is None else spec.ForwardMode[mode])
                     for can, mode in ranks]
-        outcome = _spec_outcome(lambda: spec.compute_dp_tbo_decision(per_rank))
+        outcomes = {dp_rule: _spec_outcome(
+            lambda dp_rule=dp_rule: spec.compute_dp_tbo_decision(per_rank, dp_rule=dp_rule))
+            for dp_rule in spec.DP_RULES}
+        outcome = outcomes[spec.DEFAULT_DP_RULE]
         can_run = all(can for can, _ in ranks)
         probes.append(Probe(
             "dp_agreement", "DP", f"compute_dp_tbo_decision({list(ranks)!r})",
-            spec=lambda rule, outcome=outcome: outcome,
+            spec=lambda rule, outcome=outcome: outcome, dp_spec=outcomes,
             values={"forward_modes": [_UpstreamMode(mode or "IDLE") for _, mode in ranks]},
             post=lambda raw, can_run=can_run: _dp_result(raw, can_run)))
     return probes
@@ -933,6 +941,10 @@ class Report:
     rule_counts: dict  # rule -> disagreements of the EXTEND rule functions under it
     results: dict  # role -> RoleResult, under ``rule`` (or the default when None)
     seconds: float
+    # The data-parallel rule the release matches (None: it matches none, compared under the
+    # default, or it has no data-parallel agreement), and its disagreements per rule ({}: none).
+    dp_rule: Optional[str] = None
+    dp_rule_counts: dict = dataclasses.field(default_factory=dict)
 
     @property
     def unexplained(self) -> int:
@@ -944,20 +956,28 @@ class Report:
 
 
 def compare(release: Release, probes: list, examples: int = 3) -> Report:
-    """Every probe on both sides, under every EXTEND rule; the report of the matching one."""
-    from reference.split import DEFAULT_EXTEND_SPLIT, EXTEND_SPLITS
+    """Every probe on both sides, under every EXTEND rule; the report of the matching one. The
+    data-parallel reports are compared under the first data-parallel rule they all agree with
+    (the default when none does: their disagreements stay unexplained)."""
+    from reference.split import DEFAULT_DP_RULE, DEFAULT_EXTEND_SPLIT, DP_RULES, EXTEND_SPLITS
 
     start = time.perf_counter()
     runnable = [p for p in probes if p.role in release.roles
                 and not release.roles[p.role].problem]
     fixed = {id(p): upstream_outcome(release, p, DEFAULT_EXTEND_SPLIT) for p in runnable
              if not isinstance(p.values, _Lazy)}
+    dp = [p for p in runnable if p.dp_spec is not None]
+    dp_counts = {dp_rule: sum(classify(release, p, p.dp_spec[dp_rule], fixed[id(p)]) == "differs"
+                              for p in dp) for dp_rule in DP_RULES} if dp else {}
+    dp_matching = [dp_rule for dp_rule in DP_RULES if dp_counts.get(dp_rule) == 0]
+    dp_rule = dp_matching[0] if dp_matching else None
     per_rule, counts = {}, {}
     for rule in EXTEND_SPLITS:
         results = {role.name: RoleResult() for role in ROLES if role.name in release.roles}
         counts[rule] = 0  # the rule is told by EXTEND calls of the rule functions alone
         for probe in runnable:
-            ours = probe.spec(rule)
+            ours = probe.spec(rule) if probe.dp_spec is None else \
+                probe.dp_spec[dp_rule or DEFAULT_DP_RULE]
             theirs = fixed.get(id(probe))
             if theirs is None and id(probe) not in fixed:
                 theirs = upstream_outcome(release, probe, rule)
@@ -977,7 +997,7 @@ def compare(release: Release, probes: list, examples: int = 3) -> Report:
     matching = [rule for rule in EXTEND_SPLITS if counts[rule] == 0]
     rule = matching[0] if matching else None
     return Report(release, rule, counts, per_rule[rule or DEFAULT_EXTEND_SPLIT],
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, dp_rule, dp_counts)
 
 
 # pragma: no mutate start
@@ -994,7 +1014,13 @@ def format_report(report: Report) -> str:
                  "EXTEND rule: matches NO rule (a finding); compared under two_chunk") + \
         f"  (EXTEND disagreements per rule: {counts})"
     lines = [f"== {source.label}", f"module:      {source.module_path}",
-             f"ForwardMode: {release.forward_mode_origin}", rule_line, ""]
+             f"ForwardMode: {release.forward_mode_origin}", rule_line]
+    if report.dp_rule_counts:
+        dp_counts = ", ".join(f"{rule} {n}" for rule, n in report.dp_rule_counts.items())
+        lines.append((f"DP rule:     {report.dp_rule}" if report.dp_rule else
+                      "DP rule:     matches NO rule; compared under the default") +
+                     f"  (data-parallel disagreements per rule: {dp_counts})")
+    lines.append("")
     header = f"{'function':<20} {'upstream name':<58} {'cases':>6} {'agree':>6} " \
              f"{'expected':>8} {'differ':>6}"
     lines += [header, "-" * len(header)]
