@@ -697,6 +697,12 @@ def _stage_names() -> list:
     return [stage.split() for stage in LAYOUTS["decode"].split("|")][:-1]  # trailing "|"
 
 
+def stage_label(micro_batch: int, index: int, names: list) -> str:
+    """A compute interval's label: ``"a2: dispatch_launch shared_experts"`` (micro-batch,
+    stage index over the whole step, the stage's operations; ``parity_tests/timeline``)."""
+    return f"{'ab'[micro_batch]}{index}: " + " ".join(names[index % len(names)])
+
+
 def _with_markers(model, marker) -> tuple:
     """The decode operations with ``marker(index, where)`` around every stage."""
     from torch_impl.forward_mode import ForwardMode
@@ -779,7 +785,7 @@ def record_timeline(F, cfg, model, device, dtype, comm_stream) -> list:
             opened[(mb, index)] = event
             continue
         begin = opened.pop((mb, index))
-        label = f"{'ab'[mb]}{index}: " + " ".join(names[index % len(names)])
+        label = stage_label(mb, index, names)
         ms0, ms1 = start.elapsed_time(begin), start.elapsed_time(event)
         if ms1 > ms0:
             intervals.append({"lane": "compute", "micro_batch": "ab"[mb], "label": label,
@@ -874,8 +880,7 @@ def graph_intervals(kernels, stages, exchanges, names) -> dict:
         body = [k for k in work if begin <= k["ts"] < end]
         if body:
             intervals.append({"lane": "compute", "micro_batch": "ab"[mb],
-                              "label": f"{'ab'[mb]}{index}: "
-                                       + " ".join(names[index % len(names)]),
+                              "label": stage_label(mb, index, names),
                               "start_ms": ms(body[0]["ts"]),
                               "end_ms": ms(max(k["ts"] + k["dur"] for k in body))})
     exchanges = [(label, mb) for label, mb in exchanges if label in ("dispatch", "combine")]

@@ -44,12 +44,20 @@ class AttnMetadata:
     allowed: torch.Tensor  # [T, L] bool
 
 
-def _extend_allowed(batch: ForwardBatch, columns: torch.Tensor):
-    lens, prefix = batch.extend_seq_lens, batch.extend_prefix_lens
-    seq_of_token = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
+def _extend_positions(batch: ForwardBatch) -> tuple:
+    """EXTEND: ``(seq [T], offset [T])``, token t is the ``offset[t]``-th new token of
+    sequence ``seq[t]``."""
+    lens = batch.extend_seq_lens
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens,
+                                           output_size=batch.num_tokens)
     offset = torch.arange(batch.num_tokens, device=lens.device) - batch.extend_start_loc[
         seq_of_token]
-    limit = prefix[seq_of_token] + offset  # [T] last visible column
+    return seq_of_token, offset
+
+
+def _extend_allowed(batch: ForwardBatch, columns: torch.Tensor):
+    seq_of_token, offset = _extend_positions(batch)
+    limit = batch.extend_prefix_lens[seq_of_token] + offset  # [T] last visible column
     return seq_of_token, columns[None, :] <= limit[:, None]
 
 
@@ -201,10 +209,7 @@ def _extend_plan(batch: ForwardBatch) -> SdpaPlan:
     _check_width(batch, width)
     device = batch.input_ids.device
     lens, prefix = batch.extend_seq_lens, batch.extend_prefix_lens
-    num_seqs = len(lens_cpu)
-    seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), lens,
-                                  output_size=batch.num_tokens)
-    offset = torch.arange(batch.num_tokens, device=device) - batch.extend_start_loc[seq]
+    seq, offset = _extend_positions(batch)
     slots = batch.req_to_token[batch.req_pool_indices, :width]  # [B, L]
     if bool((prefix_cpu == 0).all()) and bool((lens_cpu == rows).all()):
         return SdpaPlan(slots, None, True, rows, (seq, offset))
