@@ -8,7 +8,7 @@ pytest process has already done. Run by hand:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
         python -m parity_tests.ep_spec_check
 
-It prints one JSON object: per (ranks, case) the max error of ``ep_routed_moe`` on an
+It prints one JSON object: per (ranks, case, layout) the max error of ``ep_routed_moe`` on an
 ``N``-device mesh against the single-device ``reference.moe`` routed output (float64), and of
 deliberately wrong layouts, which the test requires to be caught.
 
@@ -63,7 +63,8 @@ CASES = {
 }
 CASE_NAMES = tuple(CASES)
 NEGATIVE_CASE = "k_local"  # two ranks' token t often share an expert here
-WRONG_LAYOUTS = ("no_source_offset", "ranks_swapped")
+WRONG_PACKED = ("counts_short",)
+WRONG_LAYOUTS = ("no_source_offset", "ranks_swapped") + WRONG_PACKED
 
 
 def make_case(name: str, num_ranks: int, seed: int = 0) -> dict:
@@ -145,9 +146,31 @@ def _wrong_rank_step(layout, h, topk_w, topk_ids, gate, up, down, *, axis_name, 
     return ep.combine_from_back(back, topk_w, topk_ids)
 
 
+def _wrong_packed_rank_step(layout, h, topk_w, topk_ids, gate, up, down, *, axis_name,
+                            num_ranks, num_experts):
+    """``ep.packed_rank_step`` with one planted fault. ``counts_short``: each sender reports
+    one row fewer for its first (destination, local expert) that has any, so the receiver
+    leaves that expert's last row out of the computation."""
+    del layout  # one packed fault
+    all_to_all = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0,
+                                   concat_axis=0)
+    send, counts = ep.packed_send_buffer(h, topk_ids, num_ranks=num_ranks,
+                                         num_experts=num_experts)
+    flat = counts.reshape(-1)
+    first = jnp.argmax(flat > 0)
+    counts = flat.at[first].add(-(flat[first] > 0).astype(flat.dtype)).reshape(counts.shape)
+    dest, slot, _ = ep.packed_slots(topk_ids, num_ranks=num_ranks, num_experts=num_experts)
+    row_of, group_ends = ep.packed_receive_map(all_to_all(counts), send.shape[1])
+    out = ep.grouped_experts(ep.packed_receive_buffer(all_to_all(send), row_of), group_ends,
+                             gate, up, down)
+    back = all_to_all(ep.return_rows(out, row_of))
+    return ep.combine_packed(back, topk_w, dest, slot)
+
+
 def _wrong_ep_routed_moe(layout, mesh, *args):
     num_ranks = mesh.shape[AXIS]
-    step = functools.partial(_wrong_rank_step, layout, axis_name=AXIS, num_ranks=num_ranks,
+    wrong = _wrong_packed_rank_step if layout in WRONG_PACKED else _wrong_rank_step
+    step = functools.partial(wrong, layout, axis_name=AXIS, num_ranks=num_ranks,
                              num_experts=NUM_EXPERTS)
     spec = jax.sharding.PartitionSpec(AXIS)
     return jax.shard_map(step, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec)(*args)
@@ -157,22 +180,24 @@ def _max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
 
 
-def run_case(mesh: Mesh, name: str, routed) -> dict:
-    """One (mesh, case): errors of the mesh run and of the wrong layouts, in float64."""
+def run_case(mesh: Mesh, name: str, routed, layout: str = "packed") -> dict:
+    """One (mesh, case, layout): errors of the mesh run and (once per mesh size, with the
+    packed layout) of the wrong layouts, in float64."""
     num_ranks = mesh.shape[AXIS]
     case = make_case(name, num_ranks)
     # numpy inputs: each rank's shard goes straight from the host to its device
     args = [case[k] for k in ("h", "topk_w", "topk_ids", "gate", "up", "down")]
     want = reference_routed(case, num_ranks)
     got = routed(*args)
-    record = dict(num_ranks=num_ranks, case=name, top_k=int(case["topk_ids"].shape[1]),
+    record = dict(num_ranks=num_ranks, case=name, layout=layout,
+                  top_k=int(case["topk_ids"].shape[1]),
                   dtype=str(got.dtype), devices=len(got.sharding.device_set),
                   scale=float(np.max(np.abs(want), initial=0.0)),
                   max_err=_max_abs(got, want),
                   padding_rows_zero=bool(np.all(np.asarray(got)[
                       np.all(case["topk_ids"] < 0, axis=1)] == 0)),
                   wrong={})
-    if num_ranks == max(RANKS) and name == NEGATIVE_CASE:
+    if num_ranks == max(RANKS) and name == NEGATIVE_CASE and layout == "packed":
         for layout in WRONG_LAYOUTS:
             wrong = jax.jit(functools.partial(_wrong_ep_routed_moe, layout, mesh))(*args)
             record["wrong"][layout] = _max_abs(wrong, want)
@@ -202,8 +227,10 @@ def main(argv=None) -> int:
     with jax.enable_x64(True):
         for num_ranks in ranks:
             mesh = Mesh(np.array(jax.devices()[:num_ranks]), (AXIS,))
-            routed = jax.jit(functools.partial(ep.ep_routed_moe, mesh=mesh, axis_name=AXIS))
-            records += [run_case(mesh, name, routed) for name in CASE_NAMES]
+            for layout in ep.LAYOUTS:
+                routed = jax.jit(functools.partial(ep.ep_routed_moe, mesh=mesh, axis_name=AXIS,
+                                                   layout=layout))
+                records += [run_case(mesh, name, routed, layout) for name in CASE_NAMES]
         bad = bad_mesh_message() if max(ranks) >= 4 else None
     print(json.dumps(dict(platform=jax.default_backend(), device_count=jax.device_count(),
                           records=records, bad_mesh_message=bad)))

@@ -64,24 +64,25 @@ def mesh_run() -> dict:
     return json.loads(result.stdout)
 
 
-def _record(mesh_run, num_ranks, case):
+def _record(mesh_run, num_ranks, case, layout="packed"):
     (record,) = [r for r in mesh_run["records"]
-                 if r["num_ranks"] == num_ranks and r["case"] == case]
+                 if r["num_ranks"] == num_ranks and r["case"] == case and r["layout"] == layout]
     return record
 
 
 def test_the_child_ran_on_a_mesh_of_cpu_devices(mesh_run):
     assert mesh_run["platform"] == "cpu"
     assert mesh_run["device_count"] >= max(RANKS)
-    assert len(mesh_run["records"]) == len(RANKS) * len(CASE_NAMES)
+    assert len(mesh_run["records"]) == len(RANKS) * len(CASE_NAMES) * len(ep.LAYOUTS)
 
 
+@pytest.mark.parametrize("layout", ep.LAYOUTS)
 @pytest.mark.parametrize("case", CASE_NAMES)
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_ep_on_a_mesh_equals_the_single_device_moe(mesh_run, num_ranks, case):
-    """float64: ``ep_routed_moe`` on ``N`` devices equals ``reference.moe`` per rank within
-    the summation-order bound; padding rows are exactly 0."""
-    record = _record(mesh_run, num_ranks, case)
+def test_ep_on_a_mesh_equals_the_single_device_moe(mesh_run, num_ranks, case, layout):
+    """float64: ``ep_routed_moe`` on ``N`` devices, in either layout, equals ``reference.moe``
+    per rank within the summation-order bound; padding rows are exactly 0."""
+    record = _record(mesh_run, num_ranks, case, layout)
     assert record["dtype"] == "float64"
     assert record["devices"] == num_ranks  # the output really is spread over N devices
     bound = F64_BOUND * record["scale"]
@@ -91,8 +92,9 @@ def test_ep_on_a_mesh_equals_the_single_device_moe(mesh_run, num_ranks, case):
 
 @pytest.mark.parametrize("layout", check.WRONG_LAYOUTS)
 def test_a_wrong_layout_fails_the_comparison(mesh_run, layout):
-    """The source-rank offset ``s*C`` replaced by 0, or source ranks swapped, misses the
-    reference by far more than the bound: the comparison above can fail."""
+    """The source-rank offset ``s*C`` replaced by 0, source ranks swapped, or (packed) a count
+    one row short, misses the reference by far more than the bound: the comparison above can
+    fail."""
     record = _record(mesh_run, max(RANKS), check.NEGATIVE_CASE)
     assert record["max_err"] <= F64_BOUND * record["scale"]
     assert record["wrong"][layout] >= WRONG_MIN * record["scale"], record

@@ -238,15 +238,29 @@ def _check_global(h, topk_w, topk_ids, gate, up, down, num_ranks) -> int:
     return num_experts
 
 
-def ep_routed_moe(h, topk_w, topk_ids, gate, up, down, *, mesh, axis_name):
+LAYOUTS = ("packed", "capacity")
+
+
+def check_layout_name(layout) -> str:
+    """One of ``LAYOUTS``, else a ValueError naming ``layout``."""
+    if not (isinstance(layout, str) and layout in LAYOUTS):
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def ep_routed_moe(h, topk_w, topk_ids, gate, up, down, *, mesh, axis_name, layout="packed"):
     """``[N*C, H]``: the routed MoE output of every rank's tokens, with ``jax.shard_map`` over
     the mesh axis ``axis_name`` (of size ``N``) and one ``jax.lax.all_to_all`` each way.
 
     Global inputs: ``h [N*C, H]`` (rank ``r`` owns rows ``r*C:(r+1)*C``), ``topk_w [N*C, K]``,
     ``topk_ids [N*C, K]`` (int, -1 = no expert), ``gate, up [E, H, I]``, ``down [E, I, H]``;
     all are split along their first axis over ``axis_name`` (so rank ``r`` holds experts
-    ``r*L .. (r+1)*L - 1``) and replicated over the mesh's other axes.
+    ``r*L .. (r+1)*L - 1``) and replicated over the mesh's other axes. ``layout`` is
+    ``"packed"`` (``packed_rank_step``: only the real rows computed) or ``"capacity"``
+    (``rank_step``: every slot of every expert's block computed); the outputs agree up to
+    summation order.
     """
+    check_layout_name(layout)
     if not isinstance(mesh, (Mesh, AbstractMesh)):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis_name not in mesh.axis_names:
@@ -255,7 +269,8 @@ def ep_routed_moe(h, topk_w, topk_ids, gate, up, down, *, mesh, axis_name):
     num_ranks = dict(mesh.shape)[axis_name]
     num_experts = _check_global(h, topk_w, topk_ids, gate, up, down, num_ranks)
     step = functools.partial(
-        rank_step, num_ranks=num_ranks, num_experts=num_experts,
+        packed_rank_step if layout == "packed" else rank_step,
+        num_ranks=num_ranks, num_experts=num_experts,
         all_to_all=functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0,
                                      concat_axis=0))
     spec = PartitionSpec(axis_name)
@@ -286,11 +301,16 @@ def dispatch_all_ranks(h, topk_ids, *, num_ranks, num_experts):
     return jax.vmap(receive_buffer)(exchange(sends))  # sends: [N(src), N(dst), L, C, H]
 
 
-def ep_routed_moe_on_one_device(h, topk_w, topk_ids, gate, up, down, *, num_ranks):
+def ep_routed_moe_on_one_device(h, topk_w, topk_ids, gate, up, down, *, num_ranks,
+                                layout="packed"):
     """``ep_routed_moe`` with ``N = num_ranks`` simulated on one device: the same per-rank
     functions, ``vmap``-ed over ranks, with ``exchange`` for each all-to-all. Same inputs and
     output as ``ep_routed_moe``."""
+    check_layout_name(layout)
     num_experts = _check_global(h, topk_w, topk_ids, gate, up, down, num_ranks)
+    if layout == "packed":
+        return _packed_on_one_device(h, topk_w, topk_ids, gate, up, down, num_ranks=num_ranks,
+                                     num_experts=num_experts)
     local = num_experts // num_ranks
     recv = dispatch_all_ranks(h, topk_ids, num_ranks=num_ranks, num_experts=num_experts)
     by_rank = [w.reshape(num_ranks, local, *w.shape[1:]) for w in (gate, up, down)]
@@ -300,4 +320,209 @@ def ep_routed_moe_on_one_device(h, topk_w, topk_ids, gate, up, down, *, num_rank
     capacity = h.shape[0] // num_ranks
     routed = jax.vmap(combine_from_back)(
         back, topk_w.reshape(num_ranks, capacity, -1), topk_ids.reshape(num_ranks, capacity, -1))
+    return routed.reshape(h.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed layout: only the real pairs are computed, and only real rows need to move.
+# ---------------------------------------------------------------------------------------------
+#
+# The capacity layout above gives every (source token, expert) pair a slot whether or not the
+# token picked the expert, so each local expert computes all ``N*C`` rows of its block: ``E/K``
+# times the real work. The packed layout (docs/model.md, "The packed layout") keeps the shapes
+# static and packs the real rows at the front instead:
+#
+# * ``M = min(K, L)``: the most pairs one token can send to one rank (its ``K`` experts are
+#   distinct, and a rank holds ``L``). ``S = C*M``: the rows of one destination's region.
+# * Sender: ``send [N, S, H]``; destination ``r``'s region holds the rows of its local experts
+#   ``l = 0 .. L-1`` one after the other, each expert's rows in source-token order, packed at
+#   the front; ``send_counts [N, L]`` (int32) says how many rows each (destination, local
+#   expert) has. Rows past a region's real rows are zero.
+# * Exchange: ``send`` and ``send_counts`` travel as ``[N(destination), ...]`` -> ``[N(source),
+#   ...]`` (an all-to-all), giving ``received [N, S, H]`` and ``recv_counts [N, L]``.
+# * Receiver: ``recv [N*S, H]`` holds every real row once, expert-major: local expert ``l``'s
+#   rows, ordered by source rank, then source token, at rows ``group_ends[l-1] ..
+#   group_ends[l] - 1`` (``group_ends [L]`` int32, the inclusive cumsum of the per-expert row
+#   counts). Rows from ``group_ends[L-1]`` on are zero. ``N*S`` rows always suffice: a source
+#   sends at most ``S`` rows to one rank.
+# * Experts: a grouped matrix product over ``recv`` with the group ends (``jax.lax.ragged_dot``;
+#   a grouped GEMM on a GPU): exactly the real rows are computed.
+# * Return: the receiver sends each row back to the slot it came from (``return_rows``), and
+#   the source reads pair ``(t, k)``'s output at ``back[dest, slot]``, the place it wrote it.
+#
+# Every order is fixed by the ids alone (by local expert, then source rank, then source token),
+# so the buffers, and so the outputs, are the same on every transport and every run.
+
+
+def max_pairs_per_rank(top_k, local) -> int:
+    """``M = min(K, L)``: the most (token, expert) pairs one token can send to one rank."""
+    _check_positive_int("top_k", top_k)
+    _check_positive_int("local", local)
+    return min(int(top_k), int(local))
+
+
+def packed_region_rows(capacity, top_k, local) -> int:
+    """``S = C * min(K, L)``: the rows of one destination's region of the send buffer."""
+    _check_positive_int("capacity", capacity)
+    return int(capacity) * max_pairs_per_rank(top_k, local)
+
+
+def _exclusive_cumsum(x, axis):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def packed_slots(topk_ids, *, num_ranks, num_experts):
+    """Where each pair of this rank goes in the packed layout: ``(dest, slot, send_counts)``,
+    ``dest, slot [C, K]`` int32 (-1 for id -1 pairs) and ``send_counts [N, L]`` int32.
+
+    Pair ``(t, k)`` with expert ``e`` goes to rank ``dest = e // L``, row ``slot`` of that
+    rank's region: after the rows of the lower local experts of that rank, and after the
+    tokens ``t' < t`` that picked ``e`` too (a scan over tokens; no sort)."""
+    local = check_ep_layout(num_experts, num_ranks)
+    _check_ids(topk_ids)
+    ids = jnp.asarray(topk_ids)
+    chosen = (ids[:, :, None] == jnp.arange(num_experts)).any(axis=1).astype(jnp.int32)  # [C, E]
+    rank_in_expert = _exclusive_cumsum(chosen, axis=0)  # [C, E]: earlier tokens of expert e
+    counts = chosen.sum(axis=0).reshape(num_ranks, local)  # [N, L]
+    start = _exclusive_cumsum(counts, axis=1).reshape(num_experts)  # [E]: expert's first row
+    valid = ids >= 0
+    safe = jnp.where(valid, ids, 0)
+    slot = start[safe] + jnp.take_along_axis(rank_in_expert, safe, axis=1)
+    return (jnp.where(valid, safe // local, -1).astype(jnp.int32),
+            jnp.where(valid, slot, -1).astype(jnp.int32), counts.astype(jnp.int32))
+
+
+def packed_send_buffer(h, topk_ids, *, num_ranks, num_experts):
+    """``(send [N, S, H], send_counts [N, L])``: ``send[dest, slot] = h[t]`` for every pair
+    ``(t, k)`` of ``packed_slots``, zeros elsewhere (``h [C, H]``, ``topk_ids [C, K]``)."""
+    local = check_ep_layout(num_experts, num_ranks)
+    _check_tokens(h, topk_ids)
+    capacity, top_k = topk_ids.shape
+    region = packed_region_rows(capacity, top_k, local)
+    dest, slot, counts = packed_slots(topk_ids, num_ranks=num_ranks, num_experts=num_experts)
+    flat = jnp.where(dest >= 0, dest * region + slot, num_ranks * region)  # [C, K]; -1 -> past
+    tokens = jnp.broadcast_to(jnp.arange(capacity)[:, None], flat.shape)
+    send = jnp.zeros((num_ranks * region, h.shape[1]), h.dtype)
+    send = send.at[flat.reshape(-1)].set(h[tokens.reshape(-1)], mode="drop",
+                                         unique_indices=True)
+    return send.reshape(num_ranks, region, h.shape[1]), counts
+
+
+def packed_receive_map(recv_counts, region_rows):
+    """``(row_of [N, S], group_ends [L])`` from ``recv_counts [N(source), L]``: received row
+    ``i`` of source ``s`` goes to row ``row_of[s, i]`` of ``recv`` (-1: no real row there), and
+    local expert ``l``'s rows end at ``group_ends[l]`` (int32, inclusive cumsum).
+
+    Source ``s``'s region holds its rows for experts ``0 .. L-1`` one after the other; expert
+    ``l``'s rows in ``recv`` start after the lower experts' (``base``) and after the lower
+    sources' rows for ``l`` (``before``)."""
+    num_ranks, local = _check_ndim("recv_counts", recv_counts, 2)
+    counts = jnp.asarray(recv_counts, jnp.int32)
+    totals = counts.sum(axis=0)  # [L]
+    group_ends = jnp.cumsum(totals).astype(jnp.int32)
+    base = group_ends - totals  # [L]
+    before = _exclusive_cumsum(counts, axis=0)  # [N, L]: lower sources' rows of expert l
+    region_end = jnp.cumsum(counts, axis=1)  # [N, L]: where expert l's rows end in region s
+    i = jnp.arange(region_rows, dtype=jnp.int32)
+    expert = (i[None, :, None] >= region_end[:, None, :]).sum(axis=2)  # [N, S]: l of row i
+    valid = expert < local
+    l_safe = jnp.minimum(expert, local - 1)
+    first = jnp.take_along_axis(region_end - counts, l_safe, axis=1)  # [N, S]
+    row = base[l_safe] + jnp.take_along_axis(before, l_safe, axis=1) + i[None] - first
+    return jnp.where(valid, row, -1).astype(jnp.int32), group_ends
+
+
+def packed_receive_buffer(received, row_of):
+    """``recv [N*S, H]``: every real row of ``received [N(source), S, H]`` at ``row_of``;
+    rows that receive none are zero."""
+    num_ranks, region, hidden = _check_ndim("received", received, 3)
+    flat = jnp.where(row_of >= 0, row_of, num_ranks * region).reshape(-1)
+    recv = jnp.zeros((num_ranks * region, hidden), received.dtype)
+    return recv.at[flat].set(received.reshape(-1, hidden), mode="drop", unique_indices=True)
+
+
+def grouped_experts(recv, group_ends, gate, up, down):
+    """``out [R, H]``: row ``j`` of ``recv [R, H]`` through local expert ``l``'s SwiGLU, where
+    ``group_ends[l-1] <= j < group_ends[l]`` (``gate, up [L, H, I]``, ``down [L, I, H]``);
+    rows from ``group_ends[L-1]`` on are zero. One grouped matrix product per weight
+    (``jax.lax.ragged_dot``): only the real rows are computed."""
+    rows, hidden = _check_ndim("recv", recv, 2)
+    local = _check_experts(gate, up, down, hidden)
+    if _check_ndim("group_ends", group_ends, 1) != (local,):
+        raise ValueError(f"group_ends must hold one end per local expert ({local}), "
+                         f"got shape {group_ends.shape}")
+    sizes = jnp.diff(jnp.asarray(group_ends, jnp.int32), prepend=0)
+    act = (jax.nn.silu(jax.lax.ragged_dot(recv, gate, sizes))
+           * jax.lax.ragged_dot(recv, up, sizes))
+    return jax.lax.ragged_dot(act, down, sizes)
+
+
+def return_rows(out, row_of):
+    """``[N(source), S, H]``: ``out``'s row ``row_of[s, i]`` back at ``[s, i]``, the slot it
+    arrived in (zeros where ``row_of`` is -1): the combine exchange's sender-side buffer."""
+    _, hidden = _check_ndim("out", out, 2)
+    num_ranks, region = _check_ndim("row_of", row_of, 2)
+    picked = out[jnp.maximum(row_of, 0)]  # [N, S, H]
+    return jnp.where((row_of >= 0)[:, :, None], picked, jnp.zeros((), out.dtype))
+
+
+def combine_packed(back, topk_w, dest, slot):
+    """``[C, H]``: ``sum_k topk_w[t, k] * back[dest[t, k], slot[t, k]]`` over ``k`` in ``k``
+    order (``back [N, S, H]``; ``dest, slot, topk_w [C, K]``); pairs with dest -1 give 0."""
+    _check_ndim("back", back, 3)
+    ids_shape = _check_ids(dest)
+    _check_weights(topk_w, ids_shape)
+    if _check_ndim("slot", slot, 2) != ids_shape:
+        raise ValueError(f"slot must have dest's shape {ids_shape}, got {slot.shape}")
+    out = jnp.zeros((ids_shape[0], back.shape[2]), jnp.result_type(back, topk_w))
+    for k in range(ids_shape[1]):  # static K; the loop fixes the summation order
+        valid = (dest[:, k] >= 0)[:, None]
+        picked = back[jnp.maximum(dest[:, k], 0), jnp.maximum(slot[:, k], 0)]  # [C, H]
+        out = out + jnp.where(valid, topk_w[:, k, None] * picked, 0)
+    return out
+
+
+def packed_rank_step(h, topk_w, topk_ids, gate, up, down, *, all_to_all, num_ranks,
+                     num_experts):
+    """``rank_step`` in the packed layout: the same ``[C, H]`` routed output, computing and
+    moving only the real rows (three exchanges: rows, counts, rows back)."""
+    send, counts = packed_send_buffer(h, topk_ids, num_ranks=num_ranks, num_experts=num_experts)
+    dest, slot, _ = packed_slots(topk_ids, num_ranks=num_ranks, num_experts=num_experts)
+    received, recv_counts = all_to_all(send), all_to_all(counts)
+    row_of, group_ends = packed_receive_map(recv_counts, send.shape[1])
+    out = grouped_experts(packed_receive_buffer(received, row_of), group_ends, gate, up, down)
+    back = all_to_all(return_rows(out, row_of))  # [N(expert rank), S, H]
+    return combine_packed(back, topk_w, dest, slot)
+
+
+def packed_dispatch_all_ranks(h, topk_ids, *, num_ranks, num_experts):
+    """Every rank's packed receive side, on one device, from the global ``h [N*C, H]`` and
+    ``topk_ids [N*C, K]``: ``(recv [N, N*S, H], group_ends [N, L], row_of [N, N, S])``."""
+    check_ep_layout(num_experts, num_ranks)
+    _check_tokens(h, topk_ids)
+    if h.shape[0] % num_ranks:
+        raise ValueError(f"h's rows ({h.shape[0]}) must be num_ranks ({num_ranks}) blocks")
+    per_rank = functools.partial(packed_send_buffer, num_ranks=num_ranks,
+                                 num_experts=num_experts)
+    sends, counts = jax.vmap(per_rank)(h.reshape(num_ranks, -1, h.shape[1]),
+                                       topk_ids.reshape(num_ranks, -1, topk_ids.shape[1]))
+    region = sends.shape[2]
+    row_of, group_ends = jax.vmap(packed_receive_map, in_axes=(0, None))(exchange(counts),
+                                                                        region)
+    recv = jax.vmap(packed_receive_buffer)(exchange(sends), row_of)
+    return recv, group_ends, row_of
+
+
+def _packed_on_one_device(h, topk_w, topk_ids, gate, up, down, *, num_ranks, num_experts):
+    local = num_experts // num_ranks
+    capacity = h.shape[0] // num_ranks
+    recv, group_ends, row_of = packed_dispatch_all_ranks(h, topk_ids, num_ranks=num_ranks,
+                                                         num_experts=num_experts)
+    by_rank = [w.reshape(num_ranks, local, *w.shape[1:]) for w in (gate, up, down)]
+    out = jax.vmap(grouped_experts)(recv, group_ends, *by_rank)  # [N, N*S, H]
+    back = exchange(jax.vmap(return_rows)(out, row_of))  # [N(source), N(expert rank), S, H]
+    slots = functools.partial(packed_slots, num_ranks=num_ranks, num_experts=num_experts)
+    ids = topk_ids.reshape(num_ranks, capacity, -1)
+    dest, slot, _ = jax.vmap(slots)(ids)
+    routed = jax.vmap(combine_packed)(back, topk_w.reshape(num_ranks, capacity, -1), dest, slot)
     return routed.reshape(h.shape)

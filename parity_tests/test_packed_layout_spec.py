@@ -1,0 +1,189 @@
+"""The packed expert-parallel layout of the spec (``reference.expert_parallel``, docs/model.md
+"The packed layout"), piece by piece, against the rule written out as plain loops.
+
+The rule: a sender's region for destination ``r`` holds the rows of ``r``'s local experts
+``0 .. L-1`` one after the other, each expert's rows in source-token order; the receiver holds
+every real row once, expert-major, then by source rank, then by source token; the experts
+compute exactly those rows; the return path sends each row back to the slot it came from. The
+whole step (every rank, on a mesh and on one device) is compared with the single-device MoE in
+``test_expert_parallel_spec.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parity_tests import ep_spec_check as check
+from parity_tests.ep_spec_check import CAPACITY, NUM_EXPERTS
+from reference import expert_parallel as ep
+
+LAYOUT_ARGS = ("num_ranks", "num_experts")
+packed_dispatch = jax.jit(ep.packed_dispatch_all_ranks, static_argnames=LAYOUT_ARGS)
+CASES = ["dense", "skewed", "idle_experts", "padded_rank", "padding_pairs", "k_beyond_local"]
+
+
+def _rule_send(h, ids, num_ranks):
+    """``(send [N, S, H], counts [N, L], where {(t, k): (dest, slot)})`` by the rule, in loops."""
+    local = NUM_EXPERTS // num_ranks
+    region = h.shape[0] * min(ids.shape[1], local)
+    send = np.zeros((num_ranks, region, h.shape[1]))
+    counts = np.zeros((num_ranks, local), np.int64)
+    where = {}
+    for r in range(num_ranks):
+        row = 0
+        for l in range(local):
+            for t in range(h.shape[0]):
+                for k in np.flatnonzero(ids[t] == r * local + l):
+                    send[r, row] = h[t]
+                    where[(t, int(k))] = (r, row)
+                    counts[r, l] += 1
+                    row += 1
+    return send, counts, where
+
+
+def _rule_recv(case, num_ranks):
+    """Per rank ``(recv [N*S, H], group_ends [L])`` by the rule: expert, then source, then
+    token."""
+    local = NUM_EXPERTS // num_ranks
+    region = CAPACITY * min(case["topk_ids"].shape[1], local)
+    out = []
+    for r in range(num_ranks):
+        recv, ends = np.zeros((num_ranks * region, case["h"].shape[1])), []
+        row = 0
+        for l in range(local):
+            for s in range(num_ranks):
+                for t in range(CAPACITY):
+                    if r * local + l in case["topk_ids"][s * CAPACITY + t]:
+                        recv[row] = case["h"][s * CAPACITY + t]
+                        row += 1
+            ends.append(row)
+        out.append((recv, np.array(ends)))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_every_pair_lands_at_the_row_the_rule_names_and_the_rest_is_zero(num_ranks, case):
+    data = check.make_case(case, num_ranks)
+    for s in range(num_ranks):
+        rows = slice(s * CAPACITY, (s + 1) * CAPACITY)
+        h, ids = data["h"][rows], data["topk_ids"][rows]
+        send, counts = ep.packed_send_buffer(jnp.asarray(h), jnp.asarray(ids),
+                                             num_ranks=num_ranks, num_experts=NUM_EXPERTS)
+        want_send, want_counts, where = _rule_send(h, ids, num_ranks)
+        np.testing.assert_array_equal(np.asarray(send), want_send.astype(send.dtype))
+        np.testing.assert_array_equal(np.asarray(counts), want_counts)
+        dest, slot, _ = ep.packed_slots(jnp.asarray(ids), num_ranks=num_ranks,
+                                        num_experts=NUM_EXPERTS)
+        got = {(t, k): (int(dest[t, k]), int(slot[t, k]))
+               for t in range(ids.shape[0]) for k in range(ids.shape[1]) if ids[t, k] >= 0}
+        assert got == where
+        assert np.all(np.asarray(dest)[ids < 0] == -1) and np.all(np.asarray(slot)[ids < 0] == -1)
+        assert len(set(got.values())) == len(got)  # injective: no two pairs share a row
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_the_receiver_holds_every_real_row_once_expert_source_token_major(num_ranks, case):
+    data = check.make_case(case, num_ranks)
+    with jax.enable_x64(True):
+        recv, ends, row_of = packed_dispatch(jnp.asarray(data["h"]),
+                                             jnp.asarray(data["topk_ids"]),
+                                             num_ranks=num_ranks, num_experts=NUM_EXPERTS)
+    for r, (want, want_ends) in enumerate(_rule_recv(data, num_ranks)):
+        np.testing.assert_array_equal(np.asarray(recv[r]), want)
+        np.testing.assert_array_equal(np.asarray(ends[r]), want_ends)
+        mapped = np.asarray(row_of[r])
+        real = np.sort(mapped[mapped >= 0])
+        np.testing.assert_array_equal(real, np.arange(want_ends[-1]))  # a bijection onto rows
+
+
+def test_the_experts_compute_each_row_with_its_own_expert_and_zero_past_the_end():
+    rng = np.random.default_rng(3)
+    local, hidden, inter, rows = 3, 4, 5, 9
+    gate, up = (rng.normal(size=(local, hidden, inter)) for _ in range(2))
+    down = rng.normal(size=(local, inter, hidden))
+    recv = rng.normal(size=(rows, hidden))
+    ends = np.array([2, 2, 6])  # expert 1 gets nothing; rows 6.. are past the end
+    with jax.enable_x64(True):
+        out = np.asarray(ep.grouped_experts(*(jnp.asarray(a) for a in
+                                              (recv, ends, gate, up, down))))
+    expert_of = [0, 0, 2, 2, 2, 2]
+    for j, e in enumerate(expert_of):
+        g, u = recv[j] @ gate[e], recv[j] @ up[e]
+        want = (g / (1 + np.exp(-g)) * u) @ down[e]
+        np.testing.assert_allclose(out[j], want, rtol=1e-12, atol=1e-12)
+    assert np.all(out[6:] == 0)
+
+
+def test_the_return_path_sends_each_row_back_to_its_slot():
+    data = check.make_case("padding_pairs", 2)
+    with jax.enable_x64(True):
+        h, ids = jnp.asarray(data["h"]), jnp.asarray(data["topk_ids"])
+        recv, _, row_of = packed_dispatch(h, ids, num_ranks=2, num_experts=NUM_EXPERTS)
+        back = ep.exchange(jax.vmap(ep.return_rows)(recv, row_of))  # identity experts
+        sends, _ = jax.vmap(functools.partial(ep.packed_send_buffer, num_ranks=2,
+                                              num_experts=NUM_EXPERTS))(
+            h.reshape(2, CAPACITY, -1), ids.reshape(2, CAPACITY, -1))
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(sends))
+
+
+def test_combine_packed_sums_the_picked_rows_in_k_order():
+    back = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+    dest = jnp.array([[1, 0], [-1, 0]], jnp.int32)
+    slot = jnp.array([[2, 0], [-1, 1]], jnp.int32)
+    w = jnp.array([[0.5, 2.0], [9.0, 1.0]], jnp.float32)
+    out = np.asarray(ep.combine_packed(back, w, dest, slot))
+    np.testing.assert_array_equal(out, [[0.5 * 10 + 2 * 0, 0.5 * 11 + 2 * 1], [2, 3]])
+
+
+def test_max_pairs_and_region_rows():
+    assert ep.max_pairs_per_rank(8, 128) == 8  # DeepSeek-V3's 256 experts on 2 ranks
+    assert ep.max_pairs_per_rank(8, 4) == 4  # a token reaches a rank at most L times
+    assert ep.packed_region_rows(32, 8, 128) == 256
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="top_k"):
+            ep.max_pairs_per_rank(bad, 4)
+        with pytest.raises(ValueError, match="local"):
+            ep.max_pairs_per_rank(4, bad)
+        with pytest.raises(ValueError, match="capacity"):
+            ep.packed_region_rows(bad, 4, 4)
+
+
+def test_bad_input_is_a_value_error_naming_the_argument():
+    ids = jnp.zeros((2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="layout"):
+        ep.ep_routed_moe_on_one_device(jnp.zeros((2, 4)), jnp.zeros((2, 2)), ids,
+                                       *(jnp.zeros((8, 4, 4)),) * 3, num_ranks=1,
+                                       layout="sparse")
+    with pytest.raises(ValueError, match="group_ends"):
+        ep.grouped_experts(jnp.zeros((4, 4)), jnp.zeros((3,), jnp.int32),
+                           *(jnp.zeros((2, 4, 4)),) * 3)
+    with pytest.raises(ValueError, match="recv_counts"):
+        ep.packed_receive_map(jnp.zeros((2,), jnp.int32), 4)
+    with pytest.raises(ValueError, match="received"):
+        ep.packed_receive_buffer(jnp.zeros((2, 4)), jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="row_of"):
+        ep.return_rows(jnp.zeros((4, 2)), jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="slot"):
+        ep.combine_packed(jnp.zeros((1, 2, 2)), jnp.zeros((2, 2)), ids, jnp.zeros((2, 3),
+                                                                                  jnp.int32))
+    with pytest.raises(ValueError, match="h's rows"):
+        ep.packed_dispatch_all_ranks(jnp.zeros((3, 4)), jnp.zeros((3, 2), jnp.int32),
+                                     num_ranks=2, num_experts=8)
+
+
+def test_the_packed_pieces_are_jit_and_vmap_able():
+    data = check.make_case("dense", 2)
+    h, ids = jnp.asarray(data["h"], jnp.float32), jnp.asarray(data["topk_ids"])
+    step = jax.jit(functools.partial(ep.packed_send_buffer, num_ranks=2,
+                                     num_experts=NUM_EXPERTS))
+    sends, counts = jax.vmap(step)(h.reshape(2, CAPACITY, -1), ids.reshape(2, CAPACITY, -1))
+    assert sends.shape == (2, 2, CAPACITY * 4, h.shape[1]) and counts.shape == (2, 2, 4)
+    row_of, ends = jax.jit(ep.packed_receive_map, static_argnums=1)(counts[0], sends.shape[2])
+    assert row_of.shape == (2, sends.shape[2]) and ends.shape == (4,)
