@@ -166,8 +166,9 @@ def check_step(h: GraphHarness, world: mp.World, *, spec: bool = True) -> dict:
         runs["spec"] = h.run_spec(world)
     trimmed = {name: _without_padding_slot(out, slot) for name, out in runs.items()}
     pairs = [("replay", "eager")] + ([("replay", "spec"), ("eager", "spec")] if spec else [])
-    report = {"replayed": result.replayed, "graph_bs": None}
-    if result.replayed:
+    # replayed: a CUDA graph ran; emulated: the replay path ran on a CPU, without a graph
+    report = {"replayed": result.replayed, "emulated": result.emulated, "graph_bs": None}
+    if result.replay_path:
         report["graph_bs"] = h.runner.plan(h.batch(world)).graph_bs
     bounds = BOUNDS[h.dtype_name]
     held = []
@@ -183,5 +184,5 @@ def check_step(h: GraphHarness, world: mp.World, *, spec: bool = True) -> dict:
     changed = np.flatnonzero((replayed["k_pool"] != initial_k).any(axis=(0, 2, 3)))
     allowed = set(world.out_cache_loc.tolist()) | {slot}
     report["stray_slots"] = sorted(set(changed.tolist()) - allowed)
-    report["ok"] = result.replayed and not report["stray_slots"] and all(held)
+    report["ok"] = result.replay_path and not report["stray_slots"] and all(held)
     return report

@@ -27,7 +27,7 @@ from parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, ch
 from reference import replay_plan as spec
 from reference import split as spec_split
 from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.cuda_graph_runner import SEQ_LEN_FILL, CudaGraphRunner, GraphKey
+from torch_impl.cuda_graph_runner import SEQ_LEN_FILL, CaptureSet, CudaGraphRunner, GraphKey
 from torch_impl.forward_mode import ForwardMode
 from torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
@@ -77,12 +77,12 @@ def test_context_boundary_replays_up_to_the_captured_width_then_falls_back(
     fallbacks = dict(h.runner.fallbacks)
     world = mp.build_world(_case(mode, fits, draft), h.ref_cfg, h.layout)
     report = check_step(h, world)
-    assert report["ok"] and report["replayed"], report
+    assert report["ok"] and report["emulated"] and not report["replayed"], report
     longer = mp.build_world(_case(mode, too_long, draft), h.ref_cfg, h.layout)
     if draft is not None:  # the seq_len alone would fit: only the drafts overflow
         assert int(longer.seq_lens.max()) <= GRAPH_CONTEXT
     out, result = h.run_runner(longer)
-    assert not result.replayed and result.fallback.kind == "context", result.fallback
+    assert not result.replay_path and result.fallback.kind == "context", result.fallback
     eager = h.run_eager(longer)
     assert all(np.array_equal(out[name], eager[name]) for name in out)
     assert h.runner.fallbacks["context"] == fallbacks.get("context", 0) + 1
@@ -95,7 +95,46 @@ def test_batch_size_boundary_replays_the_largest_graph_then_falls_back(context_h
     assert report["ok"] and report["graph_bs"] == 4, report
     _, result = h.run_runner(mp.build_world(_case("DECODE", (3, 9, 1, 6, 2)), h.ref_cfg,
                                             h.layout))
-    assert not result.replayed and result.fallback.kind == "batch_size"
+    assert not result.replay_path and result.fallback.kind == "batch_size"
+
+
+# --- which graphs, by key ---------------------------------------------------------------------
+
+
+def test_keys_are_typed_decode_first_and_largest_first(context_harness):
+    """One key per captured graph, a ``GraphKey`` of the mode, tokens per sequence and
+    sequences (no string to parse back); the captured forwards are stored under them."""
+    runner = context_harness(False).runner
+    decode, verify = ForwardMode.DECODE, ForwardMode.TARGET_VERIFY
+    assert runner.captures == CaptureSet(True, (3,), (2, 4), GRAPH_CONTEXT)
+    assert runner.keys() == [GraphKey(decode, 1, 4), GraphKey(decode, 1, 2),
+                             GraphKey(verify, 3, 4), GraphKey(verify, 3, 2)]
+    assert list(runner._graphs) == runner.keys()
+    assert [key.num_tokens for key in runner.keys()] == [4, 2, 12, 6]
+    assert CaptureSet(False, (2, 5), (1,), 8).keys() == [GraphKey(verify, 2, 1),
+                                                         GraphKey(verify, 5, 1)]
+
+
+@pytest.mark.parametrize("draft,captured", [
+    (3, True), (np.int64(3), True), (torch.tensor(3), True),
+    (4, False), (True, False), (3.0, False), ("3", False), (None, False),
+], ids=["int", "numpy", "0-dim-tensor", "other", "bool", "float", "str", "none"])
+def test_a_verify_batch_finds_its_graphs_by_the_value_of_its_draft_count(context_harness,
+                                                                         draft, captured):
+    """Any integral scalar naming a captured draft count finds its graphs; anything else is
+    refused as ``draft_token_num`` (the batch then runs eagerly)."""
+    h = context_harness(True)
+    batch = h.batch(mp.build_world(_case("TARGET_VERIFY", (3, 5), 3), h.ref_cfg, h.layout))
+    batch = dataclasses.replace(batch, spec_info=dataclasses.replace(
+        batch.spec_info, draft_token_num=draft))
+    refused = h.runner.refusal(batch)
+    assert h.runner.captures.has_verify(draft) == captured
+    if captured:
+        assert refused is None
+    else:
+        assert refused.kind == "draft_token_num"
+        assert refused.message == (f"no TARGET_VERIFY graph for draft_token_num={draft} "
+                                   f"(captured: [3])")
 
 
 # --- data-parallel graph choice ---------------------------------------------------------------
@@ -213,7 +252,7 @@ def test_replay_plan_and_static_buffers_match_the_spec(shared, config):
     want = spec.plan_replay(spec_mode, real_bs, (graph_bs,), tbo=tbo, draft_token_num=draft)
     assert dataclasses.asdict(plan) == dataclasses.asdict(want)
     tnps = want.token_num_per_seq
-    assert key == GraphKey(mode, tnps, graph_bs)
+    assert key == GraphKey(ForwardMode[mode], tnps, graph_bs)
     n, total = want.num_token_non_padded, want.num_tokens
     assert int(s.num_token_non_padded) == n
     for name in ("input_ids", "positions", "out_cache_loc"):
@@ -317,7 +356,7 @@ def test_capture_points_the_children_at_the_plugins_counts(dp_harness):
     replay_prepare is what the captured children read; a wrong count or mode is refused."""
     h = dp_harness
     plugin = _plugin()
-    static = h.runner._static_batch(GraphKey("DECODE", 1, 4))
+    static = h.runner.static_batch(GraphKey(ForwardMode.DECODE, 1, 4))
     split = plugin.capture_one_batch_size(static, 4)
     # the parent keeps the runner's count buffer, which every replay rewrites
     assert split.num_token_non_padded is static.num_token_non_padded
