@@ -283,8 +283,14 @@ class EPHandle:
     topk_ids: torch.Tensor  # [T, K]
     work: object = None
     event: Optional[torch.cuda.Event] = None
-    recv: Optional[torch.Tensor] = None  # [L, N*C, H] after dispatch_wait
+    recv: Optional[torch.Tensor] = None  # [L, N*C, H] after dispatch_wait ([N*S, H] packed)
     keep: tuple = ()  # tensors the communication stream reads, alive until the wait
+    # the packed layout's maps (torch_impl.packed_dispatch): where this rank's pairs went,
+    # where the received rows sit, and the local experts' group ends
+    dest: Optional[torch.Tensor] = None  # [T, K]
+    slot: Optional[torch.Tensor] = None  # [T, K]
+    row_of: Optional[torch.Tensor] = None  # [N, S]
+    group_ends: Optional[torch.Tensor] = None  # [L] int32
 
 
 class ExpertParallelDispatcher:
@@ -295,7 +301,14 @@ class ExpertParallelDispatcher:
     ``C`` is passed to every launch (equal on all ranks); steps use views of the same buffers.
     The model slices its expert weights with ``local_experts`` and calls ``experts`` on what
     ``dispatch_wait`` returns.
+
+    This is the *capacity* layout, the baseline; ``torch_impl.packed_dispatch`` has the packed
+    layout, the default (``make_dispatcher``).
     """
+
+    layout = "capacity"
+    TRANSPORTS = TRANSPORTS
+    TRANSPORT_METHODS = TRANSPORT_METHODS
 
     def __init__(self, num_experts: int, *, hidden_size: int, max_capacity: int, dtype,
                  device, group=None, transport: str = "all_to_all",
@@ -311,31 +324,36 @@ class ExpertParallelDispatcher:
         for name, value in (("hidden_size", hidden_size), ("max_capacity", max_capacity)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(transport, str) and transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {sorted(TRANSPORTS)} or a transport "
+        transports = self.TRANSPORTS
+        if isinstance(transport, str) and transport not in transports:
+            raise ValueError(f"transport must be one of {sorted(transports)} or a transport "
                              f"object, got {transport!r}")
         if not isinstance(transport, str) and not all(
-                callable(getattr(transport, m, None)) for m in TRANSPORT_METHODS):
+                callable(getattr(transport, m, None)) for m in self.TRANSPORT_METHODS):
             raise ValueError(f"transport object {transport!r} lacks one of "
-                             f"{TRANSPORT_METHODS}")
+                             f"{self.TRANSPORT_METHODS}")
         self.device = torch.device(device)
         if transport == "copy_engine" and self.device.type != "cuda":
             raise ValueError("transport 'copy_engine' needs CUDA devices, got device "
                              f"{self.device}")
         self.max_capacity, self.hidden_size, self.dtype = max_capacity, hidden_size, dtype
-        self.transport = (TRANSPORTS[transport](group) if isinstance(transport, str)
+        self.transport = (transports[transport](group) if isinstance(transport, str)
                           else transport)
         on_gpu = self.device.type == "cuda"
         self.comm_stream = (comm_stream or torch.cuda.Stream(self.device)) if on_gpu else None
-        shape = (self.world_size, self.local_experts, max_capacity, hidden_size)
-        # one set of buffers per micro-batch: A's and B's exchanges are in flight together
-        send_numel = (self.world_size * self.local_experts * max_capacity + 1) * hidden_size
-        self._send = [torch.empty(send_numel, dtype=dtype, device=self.device)
-                      for _ in range(2)]
-        self._bufs = [self.transport.allocate(shape, dtype, self.device) for _ in range(2)]
+        self._allocate()
         # Observability (the timeline): when a list, every piece of communication-stream work
         # appends (label, micro_batch, start event, end event). None costs nothing.
         self.trace: Optional[list] = None
+
+    def _allocate(self) -> None:
+        """The send buffers and the transport's buffers, one set per micro-batch (A's and B's
+        exchanges are in flight together), sized for ``max_capacity``."""
+        n, l, c, h = self.world_size, self.local_experts, self.max_capacity, self.hidden_size
+        self._send = [torch.empty((n * l * c + 1) * h, dtype=self.dtype, device=self.device)
+                      for _ in range(2)]
+        self._bufs = [self.transport.allocate((n, l, c, h), self.dtype, self.device)
+                      for _ in range(2)]
 
     def experts_of(self, weight):
         """This rank's rows of an ``[E, ...]`` expert weight."""
