@@ -363,11 +363,11 @@ def test_two_chunk_wrong_order_breaks_parity():
 
 def test_state_refuses_silent_overwrite():
     state = O.State(x=1)
-    with pytest.raises(ValueError, match="'x'"):
-        state.set("x", 2)
+    with pytest.raises(KeyError, match="'x'"):
+        state.x = 2
     assert state.pop("x") == 1
-    state.set("x", 3)
-    assert state.get("x") == 3 and "x" in state
+    state.x = 3
+    assert state.x == 3 and "x" in state
 
 
 def test_stage_schedule():
@@ -386,7 +386,7 @@ def test_overlapped_executor_follows_the_schedule():
     log = []
 
     def op(tag):
-        return O.Operation(tag, lambda s: log.append(s.get("who") + tag))
+        return O.Operation(tag, lambda s: log.append(s.who + tag))
 
     ops = [op("0"), O.YieldOperation(), op("1"), op("1"), O.YieldOperation(), op("2"),
            O.YieldOperation()]
@@ -407,7 +407,7 @@ def test_model_operations_layouts(mode, stages_per_layer, delta):
     assert got_delta == delta
     assert len(O.split_stages(ops)) == stages_per_layer * CFG.num_layers + 1
     first_stage = [op.name for op in O.split_stages(ops)[0]]
-    assert first_stage[-1] == ("l0.dispatch_launch" if mode == "EXTEND" else "l0.attn_part1")
+    assert first_stage[-1] == ("l0.dispatch_launch" if mode == "EXTEND" else "l0.attn_qkv")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def _torch_counts(state) -> tuple:
 
 
 def _jax_counts(state) -> tuple:
-    inputs = state.get("inputs")
+    inputs = state.inputs
     try:
         real = int(inputs.num_token_non_padded)
     except jax.errors.ConcretizationTypeError:  # a traced value under jit

@@ -205,14 +205,14 @@ def attention_layout(inputs: ModelInputs, *, mode, draft_token_num=None):
 
 
 def project_qkv(h, positions, wq, wk, wv, *, cfg: ModelConfig):
-    """Attention part 1: q, k, v ``[T, N, D]``, with q and k rotated."""
+    """The projections of ``attn_qkv``: q, k, v ``[T, N, D]``, with q and k rotated."""
     shape = (h.shape[0], cfg.num_heads, cfg.head_dim)
     q, k, v = (h @ wq).reshape(shape), (h @ wk).reshape(shape), (h @ wv).reshape(shape)
     return rope(q, positions, theta=cfg.rope_theta), rope(k, positions, theta=cfg.rope_theta), v
 
 
 def attend(q, k_pool_layer, v_pool_layer, table_rows, allowed):
-    """Attention part 2 (the core) over one layer's pool, read through the table.
+    """The read of ``attn_core``: attention over one layer's pool, through the table.
 
     q: [T, N, D]; pools: [P, N, D]; table_rows, allowed: [T, L]. Returns [T, N, D].
     Scores and softmax run in at least float32; disallowed columns get -inf, and every valid
@@ -313,26 +313,37 @@ class Operation:
 
 
 class State:
-    """Per-micro-batch values by name; a value is never overwritten without being popped."""
+    """Values one micro-batch passes from operation to operation, read and set as attributes
+    (``s.q = q``, ``s.q``), the same interface as ``torch_impl.operations.State``.
+
+    Setting a name that is already set raises: an operation that replaces a value must
+    ``pop`` it first, so no value is overwritten by accident (e.g. by the other micro-batch's
+    operation writing into the wrong state). The store is plain Python around immutable jax
+    arrays: the operations stay pure functions of the values they read, and jit traces them.
+    """
 
     def __init__(self, **values):
-        self._values = {}
-        for name, value in values.items():
-            self.set(name, value)
+        object.__setattr__(self, "_values", dict(values))
 
-    def set(self, name: str, value) -> None:
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"state has no {name!r}; it holds {sorted(self._values)}")
+
+    def __setattr__(self, name, value):
         if name in self._values:
-            raise ValueError(f"name {name!r} is already in the state; pop it before setting it")
+            raise KeyError(f"state already holds {name!r}; pop it before setting it again")
         self._values[name] = value
-
-    def get(self, name: str):
-        return self._values[name]
-
-    def pop(self, name: str):
-        return self._values.pop(name)
 
     def __contains__(self, name):
         return name in self._values
+
+    def pop(self, name):
+        return self._values.pop(name)
+
+    def keys(self):
+        return self._values.keys()
 
 
 @dataclasses.dataclass
@@ -363,114 +374,119 @@ DELTA_STAGES = {"EXTEND": 0, "DECODE": 2, "TARGET_VERIFY": 2, "IDLE": 2}
 
 
 def initial_state(inputs: ModelInputs, pools: KVPools) -> State:
-    """A micro-batch's starting state: its inputs and the shared pools."""
-    return State(inputs=inputs, pools=pools)
+    """A micro-batch's starting state: its inputs, the shared pools and no expert loads yet."""
+    return State(inputs=inputs, pools=pools, expert_loads=())
 
 
 def _model_edges(cfg, w, mode, draft_token_num):
     """The operations before the first layer and after the last."""
     def embed(s):
-        inputs = s.get("inputs")
-        table_rows, allowed = attention_layout(inputs, mode=mode, draft_token_num=draft_token_num)
-        s.set("table_rows", table_rows)  # [T, L]
-        s.set("allowed", allowed)  # [T, L]
-        s.set("hidden", w["embed"][inputs.input_ids])  # [T, H]
-        s.set("residual", None)
+        inputs = s.inputs
+        s.table_rows, s.allowed = attention_layout(  # [T, L] each
+            inputs, mode=mode, draft_token_num=draft_token_num)
+        s.hidden_states = w["embed"][inputs.input_ids]  # [T, H]
+        s.residual = None
 
     def final(s):
-        h = rmsnorm(s.pop("hidden") + s.pop("residual"), w["final_norm"], eps=cfg.rms_eps)
-        s.set("final_hidden", h)
-        s.set("logits", h @ w["lm_head"])  # [T, V]
-        s.set("expert_load", jnp.stack([s.pop(f"expert_load.{l}")
-                                        for l in range(cfg.num_layers)]))  # [layers, E]
+        h = rmsnorm(s.pop("hidden_states") + s.pop("residual"), w["final_norm"],
+                    eps=cfg.rms_eps)
+        s.final_hidden = h
+        s.logits = h @ w["lm_head"]  # [T, V]
+        s.expert_load = jnp.stack(s.pop("expert_loads"))  # [layers, E]
 
     return Operation("embed", embed), Operation("final", final)
 
 
 def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operation]:
-    """One layer's operations by name, in execution order (the yields are placed by the caller)."""
+    """One layer's operations by name, in execution order (the yields are placed by the caller).
+
+    The names are ``torch_impl.model.MoEDecoderLayer``'s ``op_*`` methods without ``op_``, and
+    each does the same work (``parity_tests/test_layout_names.py`` keeps them equal).
+    """
     p = f"layers.{layer}."
     eps = cfg.rms_eps
 
-    def attn_input_prep(s):
-        h, residual = s.pop("hidden"), s.pop("residual")
+    def attn_input_prep(s):  # fused residual add + RMSNorm
+        h, residual = s.pop("hidden_states"), s.pop("residual")
         residual = h if residual is None else h + residual
-        s.set("residual", residual)
-        s.set("attn_in", rmsnorm(residual, w[p + "attn_norm"], eps=eps))
+        s.residual = residual
+        s.attn_input = rmsnorm(residual, w[p + "attn_norm"], eps=eps)
 
-    def attn_part1(s):  # projections, rotary, KV write (the write precedes every read)
-        inputs = s.get("inputs")
-        q, k, v = project_qkv(s.pop("attn_in"), inputs.positions, w[p + "wq"], w[p + "wk"],
-                              w[p + "wv"], cfg=cfg)
-        s.get("pools").write(layer, inputs.out_cache_loc, k, v)
-        s.set("q", q)  # [T, N, D]
+    def attn_qkv(s):  # q/k/v projections and rotary; touches nothing shared
+        s.q, s.k, s.v = project_qkv(s.pop("attn_input"), s.inputs.positions, w[p + "wq"],
+                                    w[p + "wk"], w[p + "wv"], cfg=cfg)  # [T, N, D] each
 
-    def attn_part2(s):  # the core: read through the table
-        pools = s.get("pools")
-        o = attend(s.pop("q"), pools.k[layer], pools.v[layer], s.get("table_rows"),
-                   s.get("allowed"))  # [T, N, D]
-        s.set("attn_out", o.reshape(o.shape[0], cfg.num_heads * cfg.head_dim) @ w[p + "wo"])
+    def attn_core(s):  # write this layer's k, v into the cache, then read through the table
+        pools = s.pools
+        pools.write(layer, s.inputs.out_cache_loc, s.pop("k"), s.pop("v"))
+        o = attend(s.pop("q"), pools.k[layer], pools.v[layer], s.table_rows,
+                   s.allowed)  # [T, N, D]
+        s.hidden_states = o.reshape(o.shape[0], cfg.num_heads * cfg.head_dim) @ w[p + "wo"]
 
-    def mlp_input_prep(s):
-        residual = s.pop("attn_out") + s.pop("residual")
-        s.set("residual", residual)
-        s.set("mlp_in", rmsnorm(residual, w[p + "mlp_norm"], eps=eps))
+    def mlp_input_prep(s):  # fused residual add + RMSNorm
+        residual = s.pop("hidden_states") + s.pop("residual")
+        s.residual = residual
+        s.mlp_input = rmsnorm(residual, w[p + "mlp_norm"], eps=eps)
 
     def router_gate(s):
-        s.set("router_logits", s.get("mlp_in") @ w[p + "router"])  # [T, E]
+        s.router_logits = s.mlp_input @ w[p + "router"]  # [T, E]
 
     def select_experts(s):
-        topk_w, topk_ids = moe.select_experts(
-            s.pop("router_logits"), s.get("inputs").num_token_non_padded, cfg=cfg)
-        s.set("topk_w", topk_w)
-        s.set("topk_ids", topk_ids)
-        s.set(f"expert_load.{layer}", moe.expert_load(topk_ids, num_experts=cfg.num_experts))
+        s.topk_weights, s.topk_ids = moe.select_experts(
+            s.pop("router_logits"), s.inputs.num_token_non_padded, cfg=cfg)
+        s.expert_loads = s.pop("expert_loads") + (  # one [E] entry per layer, in order
+            moe.expert_load(s.topk_ids, num_experts=cfg.num_experts),)
 
     # On one device a "launch" does the local permutation and a "wait" hands it over; across
     # devices these become the two halves of an all-to-all.
     def dispatch_launch(s):
-        s.set("dispatch_handle", moe.dispatch(s.get("mlp_in"), s.pop("topk_ids"),
-                                              num_experts=cfg.num_experts))
+        s.dispatch_handle = moe.dispatch(s.mlp_input, s.pop("topk_ids"),
+                                         num_experts=cfg.num_experts)
 
     def dispatch_wait(s):
-        s.set("dispatched", s.pop("dispatch_handle"))
+        s.dispatched = s.pop("dispatch_handle")
 
     def routed_experts(s):
-        buffer = s.pop("dispatched")
-        out = moe.routed_experts(buffer, w[p + "experts_gate"], w[p + "experts_up"],
-                                 w[p + "experts_down"])  # [TK, H]
-        s.set("expert_out", (out, buffer.pair_index))
+        s.expert_out = moe.routed_experts(s.dispatched, w[p + "experts_gate"],
+                                          w[p + "experts_up"], w[p + "experts_down"])  # [TK, H]
 
     def combine_launch(s):
-        out, pair_index = s.pop("expert_out")
-        s.set("combine_handle", moe.combine(out, pair_index, s.pop("topk_w")))
+        s.combine_handle = moe.combine(s.pop("expert_out"), s.pop("dispatched").pair_index,
+                                       s.pop("topk_weights"))
 
     def combine_wait(s):
-        s.set("routed_out", s.pop("combine_handle"))
+        s.routed_out = s.pop("combine_handle")
 
-    def shared_expert(s):
-        s.set("shared_out", moe.shared_experts(s.pop("mlp_in"), w[p + "shared_gate"],
-                                               w[p + "shared_up"], w[p + "shared_down"]))
+    def shared_experts(s):
+        s.shared_out = moe.shared_experts(s.pop("mlp_input"), w[p + "shared_gate"],
+                                          w[p + "shared_up"], w[p + "shared_down"])
 
-    def output(s):
-        s.set("moe_out", s.pop("routed_out") + s.pop("shared_out"))
+    def layer_output(s):  # routed + shared: the layer's hidden states (the residual waits)
+        s.hidden_states = s.pop("routed_out") + s.pop("shared_out")
 
-    def post_process(s):  # where a multi-device layout would re-scatter the residual stream
-        s.set("hidden", s.pop("moe_out"))
-
-    fns = [attn_input_prep, attn_part1, attn_part2, mlp_input_prep, router_gate, select_experts,
+    fns = [attn_input_prep, attn_qkv, attn_core, mlp_input_prep, router_gate, select_experts,
            dispatch_launch, dispatch_wait, routed_experts, combine_launch, combine_wait,
-           shared_expert, output, post_process]
+           shared_experts, layer_output]
     return {fn.__name__: Operation(f"l{layer}.{fn.__name__}", fn) for fn in fns}
 
 
-# The two published layouts ("|" is a yield), as names of the operations above.
-PREFILL_LAYOUT = ("attn_input_prep attn_part1 attn_part2 mlp_input_prep router_gate "
-                  "select_experts dispatch_launch | dispatch_wait routed_experts combine_launch "
-                  "| shared_expert combine_wait output post_process")
-DECODE_LAYOUT = ("attn_input_prep attn_part1 | attn_part2 mlp_input_prep router_gate "
-                 "select_experts | dispatch_launch shared_expert | dispatch_wait routed_experts "
-                 "combine_launch | combine_wait output post_process |")
+# The two published layouts (docs/spec.md, "Overlapped execution"), as names of the operations
+# above, "|" a yield; torch_impl.model.LAYOUTS is the same text, kept equal by
+# parity_tests/test_layout_names.py.
+LAYOUTS = {
+    "prefill": ("attn_input_prep attn_qkv attn_core mlp_input_prep router_gate select_experts "
+                "dispatch_launch | dispatch_wait routed_experts combine_launch | "
+                "shared_experts combine_wait layer_output"),
+    "decode": ("attn_input_prep attn_qkv | attn_core mlp_input_prep router_gate select_experts | "
+               "dispatch_launch shared_experts | dispatch_wait routed_experts combine_launch | "
+               "combine_wait layer_output |"),
+}
+
+
+def strategy_for(mode) -> str:
+    """The layout a mode runs: EXTEND ``"prefill"``; DECODE, TARGET_VERIFY and IDLE (which has
+    no tokens) ``"decode"``."""
+    return "prefill" if mode_name(mode) == "EXTEND" else "decode"
 
 
 def model_operations(cfg: ModelConfig, weights, mode, *, draft_token_num=None,
@@ -484,7 +500,7 @@ def model_operations(cfg: ModelConfig, weights, mode, *, draft_token_num=None,
     name = mode_name(mode)
     token_num_per_seq(name, draft_token_num)  # validates draft_token_num
     w = {k: jnp.asarray(v, dtype) for k, v in weights.items()}
-    layout = PREFILL_LAYOUT if name == "EXTEND" else DECODE_LAYOUT
+    layout = LAYOUTS[strategy_for(name)]
     embed, final = _model_edges(cfg, w, name, draft_token_num)
     ops = [embed]
     for layer in range(cfg.num_layers):
@@ -496,10 +512,10 @@ def model_operations(cfg: ModelConfig, weights, mode, *, draft_token_num=None,
 def output_of(states: Sequence[State], pools: KVPools) -> ForwardOutput:
     """Concatenate the micro-batches' outputs in token order; sum their expert loads."""
     return ForwardOutput(
-        hidden=jnp.concatenate([s.get("final_hidden") for s in states]),
-        logits=jnp.concatenate([s.get("logits") for s in states]),
+        hidden=jnp.concatenate([s.final_hidden for s in states]),
+        logits=jnp.concatenate([s.logits for s in states]),
         k_pool=pools.k, v_pool=pools.v,
-        expert_load=sum(s.get("expert_load") for s in states))
+        expert_load=sum(s.expert_load for s in states))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ The plain path (``reference.model.forward``) runs the list in order, ignoring yi
 overlapped path here steps two micro-batches through the same list with a stage offset. The
 schedule is data (``stage_schedule``): read it to see which stage overlaps which.
 
-State: each micro-batch has a ``State`` (a name -> value store) that refuses silent
-overwrites: ``state.set(name, v)`` raises if ``name`` is present; an operation that replaces a
-value first consumes it with ``state.pop(name)``; ``state.get(name)`` reads without consuming.
-The KV pools are the one thing both micro-batches share (both write the same pool, and in the
-two-chunk split B reads what A wrote in the same layer): a ``KVPools`` holder that every
-micro-batch's state references and that operations update functionally.
+State: each micro-batch has a ``State``, values by name read and set as attributes, with the
+interface of ``torch_impl.operations.State``: ``state.q = q`` raises if ``q`` is present; an
+operation that replaces a value first consumes it with ``state.pop("q")``; ``state.q`` reads
+without consuming. The KV pools are the one thing both micro-batches share (both write the same
+pool, and in the two-chunk split B reads what A wrote in the same layer): a ``KVPools`` holder
+that every micro-batch's state references and that only ``attn_core`` updates (functionally),
+writing its keys and values just before it reads (docs/spec.md, "Overlapped execution").
 
 The operations vocabulary lives in ``reference.model`` (which never imports this module) and is
 re-exported here, so ``reference.operations.YieldOperation`` etc. name the same objects.
@@ -29,9 +30,9 @@ import jax.numpy as jnp
 
 from reference import model as M
 from reference import split
-from reference.model import (DELTA_STAGES, KVPools, Operation, State,  # noqa: F401 (re-exported)
-                             YieldOperation, execute_operations, initial_state, model_operations,
-                             output_of)
+from reference.model import (DELTA_STAGES, LAYOUTS, KVPools,  # noqa: F401 (re-exported)
+                             Operation, State, YieldOperation, execute_operations,
+                             initial_state, model_operations, output_of, strategy_for)
 from reference.weights import ModelConfig
 
 

@@ -1,8 +1,9 @@
 """A small DeepSeek-style MoE decoder whose layer is written once, as operations.
 
 Each layer is the list of steps in ``LAYOUTS``: attention-input prep (fused add + RMSNorm),
-attention over the paged KV cache, MLP-input prep, router gate, expert selection, dispatch,
-routed experts, combine, shared expert, output. ``|`` marks a yield point. The plain forward
+q/k/v projections, the attention core (KV-cache write, then attention over the paged cache),
+MLP-input prep, router gate, expert selection, dispatch, routed experts, combine, shared
+experts, layer output. ``|`` marks a yield point. The plain forward
 runs the list straight through; two-batch overlap steps two micro-batches through the same
 list (``overlap.model_forward_maybe_tbo``). The math is docs/model.md's.
 
@@ -29,6 +30,8 @@ from torch_impl.operations import (State, YieldOperation, execute_operations,
 from torch_impl.overlap import idle_state, model_forward_maybe_tbo
 
 # The two published layouts (docs/spec.md, "Overlapped execution"); the schedule is data.
+# reference.model.LAYOUTS is the same text (its operations have these names without "op_"),
+# kept equal by parity_tests/test_layout_names.py.
 LAYOUTS = {
     "prefill": ("attn_input_prep attn_qkv attn_core mlp_input_prep router_gate select_experts "
                 "dispatch_launch | dispatch_wait routed_experts combine_launch | "
@@ -121,6 +124,7 @@ class MoEDecoderLayer(nn.Module):
         s.attn_input = rmsnorm(residual, self.attn_norm, self.cfg.rms_eps)
 
     def op_attn_qkv(self, s: State):
+        """q/k/v projections and rotary; touches nothing shared (the cache is not written)."""
         x = s.pop("attn_input")  # [T, H]
         shape = (x.shape[0], self.cfg.num_heads, self.cfg.head_dim)
         if "rotary" not in s:  # the first layer's; every layer has the same inv_freq
@@ -130,6 +134,8 @@ class MoEDecoderLayer(nn.Module):
         s.v = (x @ self.wv).view(shape)
 
     def op_attn_core(self, s: State):
+        """Writes this layer's k, v into the cache, then attends through the table (the
+        backend's ``forward`` does both), in one stage: docs/spec.md, "Overlapped execution"."""
         out = s.attn_backend.forward(s.pop("q"), s.pop("k"), s.pop("v"), layer=self.layer,
                                      batch=s.forward_batch)  # [T, N, D]
         s.hidden_states = out.flatten(1) @ self.wo

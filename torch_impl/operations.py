@@ -27,7 +27,8 @@ class YieldOperation:
 
 
 class State:
-    """Values one micro-batch passes from operation to operation.
+    """Values one micro-batch passes from operation to operation, read and set as attributes
+    (``s.q = q``, ``s.q``), the same interface as ``reference.model.State``.
 
     Setting a name that is already set raises: an operation that replaces a value must
     ``pop`` it first, so no value is overwritten by accident (e.g. by the other micro-batch's
