@@ -1125,7 +1125,4 @@ def main(argv: Optional[list] = None, prog: str = "upstream") -> int:
             status = max(status, 1)
     return status
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 # pragma: no mutate end

@@ -1,0 +1,7 @@
+"""`python -m parity_tests.upstream`: the command of parity_tests/upstream (its docstring)."""
+
+import sys
+
+from parity_tests.upstream import main
+
+sys.exit(main())
