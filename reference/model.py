@@ -433,7 +433,8 @@ def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operat
 
     def select_experts(s):
         s.topk_weights, s.topk_ids = moe.select_experts(
-            s.pop("router_logits"), s.inputs.num_token_non_padded, cfg=cfg)
+            s.pop("router_logits"), s.inputs.num_token_non_padded, cfg=cfg,
+            correction_bias=w.get(p + "e_score_correction_bias"))  # group-limited routing only
         s.expert_loads = s.pop("expert_loads") + (  # one [E] entry per layer, in order
             moe.expert_load(s.topk_ids, num_experts=cfg.num_experts),)
 

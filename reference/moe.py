@@ -7,7 +7,9 @@ so the model (``reference.model``) and its overlapped execution (``reference.ope
 can both build on it.
 
 Shape letters: ``T`` tokens, ``H`` hidden, ``E`` routed experts, ``K`` top-k, ``I`` expert
-intermediate size, ``X`` shared experts, ``TK`` = ``T * K`` (token, expert) pairs.
+intermediate size, ``X`` shared experts, ``TK`` = ``T * K`` (token, expert) pairs; for
+group-limited routing ``G`` expert groups (``n_group``), ``M`` kept groups (``topk_group``),
+``S = E / G`` experts per group.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from reference.weights import SCORINGS, ModelConfig
+from reference.weights import (CORRECTION_BIAS, ROUTINGS, SCORINGS, ModelConfig,
+                               check_group_limited)
 
 
 def check_scoring(scoring) -> str:
@@ -27,6 +30,13 @@ def check_scoring(scoring) -> str:
     if not (isinstance(scoring, str) and scoring in SCORINGS):
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     return scoring
+
+
+def check_routing(routing) -> str:
+    """One of ROUTINGS, else a ValueError naming ``routing`` (ModelConfig's message)."""
+    if not (isinstance(routing, str) and routing in ROUTINGS):
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    return routing
 
 
 def router_scores(router_logits, *, scoring: str):
@@ -50,16 +60,116 @@ def top_k_lower_id_first(scores, k: int):
     return values, ids.astype(jnp.int32)
 
 
-def select_experts(router_logits, num_token_non_padded, *, cfg: ModelConfig):
+def check_correction_bias(correction_bias, num_experts: int) -> None:
+    """ValueError naming ``e_score_correction_bias`` unless it has shape ``[E]``."""
+    shape = tuple(getattr(correction_bias, "shape", ()))
+    if correction_bias is None or shape != (num_experts,):
+        got = "None" if correction_bias is None else shape
+        raise ValueError(f"{CORRECTION_BIAS} must have shape ({num_experts},) (one per "
+                         f"expert), got {got}")
+
+
+def group_limited_ids(corrected, *, top_k: int, n_group: int, topk_group: int):
+    """``ids [T, K]`` int32 of DeepSeek-V3's group-limited selection on ``corrected [T, E]``.
+
+    The E experts form G contiguous groups of S (group g holds experts ``g*S .. g*S + S-1``);
+    a group's score is the sum of its two largest entries; the M best groups are kept (equal
+    group scores: the lower group id first, also at the M-th place); the K largest entries of
+    the kept groups' experts are chosen, largest first (equal entries: the lower expert id
+    first). Experts outside the kept groups are masked to -inf, so none is ever chosen
+    (``check_group_limited`` ensures the kept groups hold K experts).
+    """
+    num_tokens, num_experts = corrected.shape
+    grouped = corrected.reshape(num_tokens, n_group, num_experts // n_group)  # [T, G, S]
+    best_two, _ = jax.lax.top_k(grouped, 2)  # [T, G, 2]
+    group_scores = best_two[..., 0] + best_two[..., 1]  # [T, G]
+    _, kept_groups = top_k_lower_id_first(group_scores, topk_group)  # [T, M]
+    kept = jnp.any(kept_groups[:, :, None] == jnp.arange(n_group), axis=1)  # [T, G]
+    kept_experts = jnp.repeat(kept, num_experts // n_group, axis=1)  # [T, E]
+    _, ids = top_k_lower_id_first(jnp.where(kept_experts, corrected, -jnp.inf), top_k)
+    return ids
+
+
+def select_experts_group_limited(router_logits, correction_bias, *, top_k: int, n_group: int,
+                                 topk_group: int, routed_scaling_factor):
+    """``(topk_w [T, K], topk_ids [T, K] int32)``: DeepSeek-V3's routing of ``router_logits
+    [T, E]`` with the per-expert ``correction_bias [E]`` (float32), no padding mask.
+
+    Scores are ``sigmoid(logits)``; the bias is added for the *selection* only
+    (``group_limited_ids`` on ``scores + bias``); the weights are the chosen experts'
+    *uncorrected* scores, renormalised to sum to 1 over the K and multiplied by
+    ``routed_scaling_factor``. Bad arguments are a ValueError naming the first
+    (``check_group_limited``, then ``e_score_correction_bias``'s shape), before any work.
+    """
+    num_experts = router_logits.shape[-1]
+    check_group_limited(num_experts, top_k, n_group, topk_group, routed_scaling_factor)
+    check_correction_bias(correction_bias, num_experts)
+    scores = jax.nn.sigmoid(router_logits)  # [T, E]
+    corrected = scores + jnp.asarray(correction_bias, jnp.float32)  # [T, E], selection only
+    topk_ids = group_limited_ids(corrected, top_k=top_k, n_group=n_group,
+                                 topk_group=topk_group)  # [T, K]
+    topk_w = jnp.take_along_axis(scores, topk_ids, axis=-1)  # [T, K], uncorrected
+    topk_w = topk_w / jnp.sum(topk_w, axis=-1, keepdims=True)
+    return topk_w * routed_scaling_factor, topk_ids
+
+
+def max_ranks_reached(num_experts: int, num_ranks: int, n_group: int, topk_group: int,
+                      top_k: int) -> int:
+    """The most expert-parallel ranks one token's K experts can lie on under group-limited
+    routing, when rank r holds experts ``r*L .. r*L + L-1`` (``L = num_experts / num_ranks``).
+
+    Group g spans the ranks ``g*S // L .. (g*S + S-1) // L``: an interval, and the intervals of
+    groups 0, 1, ... move right, never back. A token's experts lie in M kept groups, so it
+    reaches at most the ranks of the best M intervals' union, and at most K ranks (one per
+    expert). The union of chosen intervals, taken in group order, is the first one's length plus,
+    for each next, its ranks past the previous one's end; the best choice is a small dynamic
+    programme over (groups chosen, last group). The bound is reached: any M groups can win, and
+    K experts can then sit on distinct ranks of their union. ValueError naming ``num_ranks`` if
+    it is not an int >= 1 dividing ``num_experts``, else as ``check_group_limited``.
+    Pure Python (no arrays): ``torch_impl/moe.py`` has the same function.
+    """
+    check_group_limited(num_experts, top_k, n_group, topk_group, 1.0)
+    if (isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1
+            or num_experts % num_ranks):
+        raise ValueError(f"num_ranks must be an int >= 1 dividing num_experts ({num_experts}), "
+                         f"got {num_ranks!r}")
+    size, per_rank = num_experts // n_group, num_experts // num_ranks
+    first = [g * size // per_rank for g in range(n_group)]
+    last = [(g * size + size - 1) // per_rank for g in range(n_group)]
+    # union[g]: the most ranks `chosen` groups can span when g is the last of them
+    union = {g: last[g] - first[g] + 1 for g in range(n_group)}
+    for chosen in range(2, topk_group + 1):
+        union = {g: max(union[prev] + last[g] - max(last[prev], first[g] - 1)
+                        for prev in range(chosen - 2, g))
+                 for g in range(chosen - 1, n_group)}
+    return min(top_k, max(union.values()))
+
+
+def select_experts(router_logits, num_token_non_padded, *, cfg: ModelConfig,
+                   correction_bias=None):
     """``(topk_w [T, K], topk_ids [T, K] int32)``; rows ``t >= num_token_non_padded`` get 0, -1.
 
-    Weights are the top-k scores renormalised to sum to 1; ties go to the lower expert id.
-    An unknown ``cfg.scoring`` is a ValueError naming ``scoring``, before any work.
+    ``cfg.routing`` "top_k": the weights are the top-k scores renormalised to sum to 1; ties go
+    to the lower expert id. "group_limited": ``select_experts_group_limited`` with the layer's
+    ``correction_bias [E]`` (``e_score_correction_bias``) and ``cfg``'s group fields. An unknown
+    ``cfg.scoring`` or ``cfg.routing``, a bias given to routing "top_k" or missing for
+    "group_limited", or bad group fields are a ValueError naming them, before any work.
     """
     check_scoring(cfg.scoring)
-    topk_w, topk_ids = top_k_lower_id_first(router_scores(router_logits, scoring=cfg.scoring),
-                                            cfg.top_k)  # [T, K]
-    topk_w = topk_w / jnp.sum(topk_w, axis=-1, keepdims=True)
+    if check_routing(cfg.routing) == "group_limited":
+        if cfg.scoring != "sigmoid":
+            raise ValueError(f"scoring must be 'sigmoid' with routing 'group_limited', "
+                             f"got {cfg.scoring!r}")
+        topk_w, topk_ids = select_experts_group_limited(
+            router_logits, correction_bias, top_k=cfg.top_k, n_group=cfg.n_group,
+            topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor)
+    else:
+        if correction_bias is not None:
+            raise ValueError(f"{CORRECTION_BIAS} is used by routing 'group_limited' only; "
+                             f"routing 'top_k' takes none")
+        topk_w, topk_ids = top_k_lower_id_first(
+            router_scores(router_logits, scoring=cfg.scoring), cfg.top_k)  # [T, K]
+        topk_w = topk_w / jnp.sum(topk_w, axis=-1, keepdims=True)
     real = (jnp.arange(router_logits.shape[0]) < num_token_non_padded)[:, None]  # [T, 1]
     return jnp.where(real, topk_w, 0), jnp.where(real, topk_ids, -1)
 

@@ -100,6 +100,7 @@ class MoEDecoderLayer(nn.Module):
             if name.startswith("experts_"):  # a rank holds only its own experts
                 weight = dispatcher.experts_of(weight)
             setattr(self, name, _param(weight, dt, device))
+        self.group_limited = moe.group_limited_routing(cfg, weights, layer, device=device)
         inv_freq = np.power(cfg.rope_theta, -np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
         self.register_buffer("inv_freq", torch.as_tensor(inv_freq, dtype=torch.float32,
                                                          device=device), persistent=False)
@@ -154,7 +155,8 @@ class MoEDecoderLayer(nn.Module):
         batch = s.forward_batch
         weights, ids = moe.select_experts(
             s.pop("router_logits"), top_k=self.cfg.top_k, scoring=self.cfg.scoring,
-            num_token_non_padded=0 if batch is None else batch.num_real_tokens)
+            num_token_non_padded=0 if batch is None else batch.num_real_tokens,
+            group_limited=self.group_limited)
         s.topk_weights, s.topk_ids = weights, ids
         s.expert_load.add(ids, self.cfg.num_experts)  # counted once, after the last layer
 

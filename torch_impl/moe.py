@@ -5,21 +5,130 @@ micro-batch's compute can sit between them. ``LocalDispatcher`` does them on one
 local permutations; an all-to-all dispatcher across GPUs has the same four methods.
 
 Shape letters: ``T`` tokens, ``H`` hidden, ``E`` experts, ``K`` top-k, ``I`` intermediate,
-``P = T*K`` (token, expert) pairs.
+``P = T*K`` (token, expert) pairs; for group-limited routing ``G`` expert groups (``n_group``),
+``M`` kept groups (``topk_group``), ``S = E / G`` experts per group.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from torch_impl.config import SCORINGS
+from torch_impl.config import CORRECTION_BIAS, SCORINGS, ModelConfig, check_group_limited
+
+
+def top_k_lower_id_first(scores: torch.Tensor, k: int) -> tuple:
+    """``(values [T, k], ids [T, k] int64)``: each row's ``k`` largest scores, largest first;
+    among equal scores the lower id first (also at the k-th place), as ``jax.lax.top_k``
+    orders them on the spec's side.
+
+    torch.topk leaves the order of equal values unspecified (on CPU all-equal scores give ids
+    6, 5, ...). A stable sort keeps equal scores in id order, so the first k are the spec's. It
+    is a fixed-shape device op over the row (small): no host read, and it captures in a CUDA
+    graph."""
+    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :k], order[:, :k]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLimited:
+    """One layer's group-limited routing (DeepSeek-V3): the config's group fields and the
+    layer's correction bias."""
+
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    correction_bias: torch.Tensor  # [E] float32, on the model's device
+
+
+def group_limited_routing(cfg: ModelConfig, weights: dict, layer: int, *,
+                          device) -> Optional[GroupLimited]:
+    """Layer ``layer``'s ``GroupLimited`` from ``cfg`` and the weights' float32
+    ``layers.{layer}.e_score_correction_bias``; None under routing "top_k"."""
+    if cfg.routing != "group_limited":
+        return None
+    bias = torch.as_tensor(weights[f"layers.{layer}.{CORRECTION_BIAS}"])
+    return GroupLimited(cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
+                        bias.to(device=device, dtype=torch.float32))
+
+
+def check_correction_bias(correction_bias, num_experts: int) -> None:
+    """ValueError naming ``e_score_correction_bias`` unless it has shape ``[E]``."""
+    shape = tuple(getattr(correction_bias, "shape", ()))
+    if correction_bias is None or shape != (num_experts,):
+        got = "None" if correction_bias is None else shape
+        raise ValueError(f"{CORRECTION_BIAS} must have shape ({num_experts},) (one per "
+                         f"expert), got {got}")
+
+
+def group_limited_ids(corrected: torch.Tensor, *, top_k: int, n_group: int,
+                      topk_group: int) -> torch.Tensor:
+    """``ids [T, K]`` int64 of DeepSeek-V3's group-limited selection on ``corrected [T, E]``:
+    G contiguous groups of S experts, each scored by the sum of its two largest entries; the M
+    best groups kept (lower group id first among equals); the K largest entries of their
+    experts, largest first (lower expert id first among equals); the other groups' experts
+    masked to -inf. The spec's ``group_limited_ids``, with the same order."""
+    num_tokens, num_experts = corrected.shape
+    size = num_experts // n_group
+    grouped = corrected.reshape(num_tokens, n_group, size)  # [T, G, S]
+    best_two = torch.topk(grouped, 2, dim=-1).values  # [T, G, 2]; only values are read
+    group_scores = best_two[..., 0] + best_two[..., 1]  # [T, G]
+    _, kept_groups = top_k_lower_id_first(group_scores, topk_group)  # [T, M]
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+    kept_experts = kept[:, :, None].expand(num_tokens, n_group, size).reshape(
+        num_tokens, num_experts)  # [T, E]
+    _, ids = top_k_lower_id_first(corrected.masked_fill(~kept_experts, float("-inf")), top_k)
+    return ids
+
+
+def select_experts_group_limited(router_logits: torch.Tensor, correction_bias, *, top_k: int,
+                                 n_group: int, topk_group: int,
+                                 routed_scaling_factor) -> tuple:
+    """``(weights [T, K] float32, ids [T, K] int64)``: DeepSeek-V3's routing of
+    ``router_logits [T, E]`` float32 with ``correction_bias [E]`` (float32), no padding mask.
+
+    ``sigmoid`` scores; the bias is added for the selection only; the weights are the chosen
+    experts' uncorrected scores renormalised over the K, times ``routed_scaling_factor``. Bad
+    arguments are a ValueError naming the first, before any work, as on the spec's side."""
+    num_experts = router_logits.shape[-1]
+    check_group_limited(num_experts, top_k, n_group, topk_group, routed_scaling_factor)
+    check_correction_bias(correction_bias, num_experts)
+    scores = torch.sigmoid(router_logits)  # [T, E]
+    ids = group_limited_ids(scores + correction_bias.float(), top_k=top_k, n_group=n_group,
+                            topk_group=topk_group)  # selection on the corrected scores
+    weights = scores.gather(1, ids)  # [T, K], uncorrected
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * routed_scaling_factor, ids
+
+
+def max_ranks_reached(num_experts: int, num_ranks: int, n_group: int, topk_group: int,
+                      top_k: int) -> int:
+    """The most expert-parallel ranks one token's K experts can lie on under group-limited
+    routing with experts laid out contiguously (rank r holds experts ``r*L .. r*L + L-1``): the
+    spec's function (``reference/moe.py`` explains the bound and the dynamic programme).
+    Group g's ranks are the interval ``[g*S // L, (g*S + S-1) // L]``; a token reaches at most
+    the union of M such intervals, and at most K ranks."""
+    check_group_limited(num_experts, top_k, n_group, topk_group, 1.0)
+    if (isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1
+            or num_experts % num_ranks):
+        raise ValueError(f"num_ranks must be an int >= 1 dividing num_experts ({num_experts}), "
+                         f"got {num_ranks!r}")
+    size, per_rank = num_experts // n_group, num_experts // num_ranks
+    spans = [(g * size // per_rank, (g * size + size - 1) // per_rank) for g in range(n_group)]
+    # best[g]: the most ranks the groups chosen so far span, g the last (highest) of them
+    best = {g: hi - lo + 1 for g, (lo, hi) in enumerate(spans)}
+    for chosen in range(2, topk_group + 1):
+        best = {g: max(best[prev] + hi - max(spans[prev][1], lo - 1)
+                       for prev in range(chosen - 2, g))
+                for g, (lo, hi) in enumerate(spans) if g >= chosen - 1}
+    return min(top_k, max(best.values()))
 
 
 def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
-                   num_token_non_padded) -> tuple:
+                   num_token_non_padded, group_limited: Optional[GroupLimited] = None) -> tuple:
     """Top-k experts per token, weights renormalised; padding rows get ids -1 and weight 0.
 
     router_logits: [T, E] float32 -> (weights [T, K] float32, ids [T, K] int64), largest
@@ -31,20 +140,27 @@ def select_experts(router_logits: torch.Tensor, *, top_k: int, scoring: str,
     covers every row skips the (then all-false) masks: 4 operators fewer per eager call.
     ``scoring`` is one of ``SCORINGS``; anything else is a ValueError naming it (the message of
     ModelConfig's check, and of the JAX spec's ``check_scoring``), before any work.
+    ``group_limited``: None for the top-k over all experts (routing "top_k"); a layer's
+    ``GroupLimited`` for DeepSeek-V3's routing (``select_experts_group_limited``, sigmoid
+    scoring only).
     """
     if not (isinstance(scoring, str) and scoring in SCORINGS):
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if scoring == "softmax":
-        scores = torch.softmax(router_logits, dim=-1)
+    if group_limited is not None:
+        if scoring != "sigmoid":
+            raise ValueError(f"scoring must be 'sigmoid' with routing 'group_limited', "
+                             f"got {scoring!r}")
+        weights, ids = select_experts_group_limited(
+            router_logits, group_limited.correction_bias, top_k=top_k,
+            n_group=group_limited.n_group, topk_group=group_limited.topk_group,
+            routed_scaling_factor=group_limited.routed_scaling_factor)
     else:
-        scores = torch.sigmoid(router_logits)
-    # torch.topk leaves the order of equal values unspecified (on CPU all-equal scores give
-    # ids 6, 5, ...). A stable sort keeps equal scores in expert-id order, so the first K are
-    # the spec's. It is a fixed-shape device op over E (small) entries: no host read, and it
-    # captures in a CUDA graph.
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    weights, ids = sorted_scores[:, :top_k], order[:, :top_k]
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+        if scoring == "softmax":
+            scores = torch.softmax(router_logits, dim=-1)
+        else:
+            scores = torch.sigmoid(router_logits)
+        weights, ids = top_k_lower_id_first(scores, top_k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     if not isinstance(num_token_non_padded, torch.Tensor) \
             and num_token_non_padded >= ids.shape[0]:
         return weights, ids  # eager, no padding row: the masks below would change nothing
