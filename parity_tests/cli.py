@@ -36,7 +36,7 @@ first counterexample as a `SplitCase(...)` literal on any disagreement.
 it as a PNG with its intervals as JSON next to it (parity_tests/timeline.py); it needs the viz
 extra (``pip install ".[viz]"``, matplotlib).
 
-`upstream` checks SGLang releases' split functions against the spec (parity_tests/upstream.py,
+`upstream` checks SGLang releases' split functions against the spec (parity_tests/upstream/,
 docs/upstream.md); it has flags of its own.
 
 Exit status: 0 all agree, 1 a mismatch (with a reproducer), 2 bad usage, 130 interrupted
@@ -97,7 +97,7 @@ COMMANDS = {
                ("max_seqs", "max_len", "max_bs", "max_draft", "max_graph_bs", "workers")),
     "timeline": ("Record one TBO decode step on N ranks and draw its timeline (a PNG).",
                  ("nproc", "device", "tokens", "transport", "out")),
-    # its own flags (parity_tests/upstream.py), listed in the help from there
+    # its own flags (parity_tests/upstream/cli.py), listed in the help from there
     "upstream": ("Check SGLang releases' split functions against the spec (docs/upstream.md).",
                  ()),
 }
@@ -139,7 +139,7 @@ def help_text() -> str:
     for name, (_, names) in COMMANDS.items():
         lines += ["", f"flags of {name}:"]
         if name == "upstream":
-            for flag in upstream.FLAGS.flags_by_module_dict()[upstream.__name__]:
+            for flag in upstream.FLAGS.flags_by_module_dict()[upstream.cli.__name__]:
                 shown = f"--{flag.name}"
                 help_ = flag.help.split(";\n", 1)[0]  # without absl's "repeat this option"
                 lines.append(f"  {shown:<18} {help_} (default: {flag.default})")

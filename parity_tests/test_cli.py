@@ -119,7 +119,7 @@ def test_the_docstring_lists_every_command_and_is_the_help_description():
             assert shown in synopsis[name], (name, shown)
     from parity_tests import upstream
 
-    for flag in upstream.FLAGS.flags_by_module_dict()[upstream.__name__]:
+    for flag in upstream.FLAGS.flags_by_module_dict()[upstream.cli.__name__]:
         assert f"--{flag.name}=" in synopsis["upstream"], flag.name
     out = _cli("--help").stdout.splitlines()
     assert out[0] == summary == ("tbo-parity: check the PyTorch implementation of two-batch "

@@ -197,7 +197,7 @@ def test_an_out_that_cannot_be_written_is_a_usage_error_before_recording(
 
 
 def test_upstream_is_dispatched_with_its_own_flags():
-    """`tbo-parity upstream` runs parity_tests/upstream.py's command: its own usage errors
+    """`tbo-parity upstream` runs parity_tests/upstream's command: its own usage errors
     (the command itself is tested in parity_tests/test_upstream.py)."""
     for args, says in [((), "--sglang_version"), (("--nproc=2",), "nproc"),
                        (("--sglang_source=/no/such/sglang",),

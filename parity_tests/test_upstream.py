@@ -1,4 +1,4 @@
-"""The upstream checker (parity_tests/upstream.py): its loader and comparator on small modules
+"""The upstream checker (parity_tests/upstream/): its loader and comparator on small modules
 written here, and once on a real SGLang release.
 
 The modules below are written from docs/spec.md, in the shape of an SGLang release's split
@@ -15,8 +15,10 @@ import zipfile
 
 import pytest
 
-from parity_tests import upstream
 from parity_tests.split_parity import SplitCase  # noqa: F401 (eval of pasted literals)
+from parity_tests.upstream import batches, classify, fetch, lift, stand_ins
+from parity_tests.upstream import cli as upstream_cli
+from parity_tests.upstream.report import format_report
 
 # A split module that follows the spec (the default rule, "two_chunk"), IDLE replay included.
 FAITHFUL = '''
@@ -161,13 +163,13 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_seq_lens):
 @pytest.fixture(scope="module")
 def probes():
     """A small run's probes (every function, every mode; 25 generated batches per mode)."""
-    return upstream.all_probes(upstream.SpecSide(), cases_per_mode=25, seed=0, max_graph_bs=24)
+    return batches.all_probes(batches.SpecSide(), cases_per_mode=25, seed=0, max_graph_bs=24)
 
 
 def load(tmp_path, text, name="two_batch_overlap.py"):
     path = tmp_path / name
     path.write_text(text)
-    return upstream.load_release(upstream.read_source(path))
+    return lift.load_release(fetch.read_source(path))
 
 
 def test_the_loader_lifts_every_role_of_a_faithful_module_without_importing_sglang(tmp_path):
@@ -175,14 +177,14 @@ def test_the_loader_lifts_every_role_of_a_faithful_module_without_importing_sgla
     assert release.absent == []
     assert all(not loaded.problem and not loaded.renamed for loaded in release.roles.values())
     assert release.unknown == []  # filter_batch is known (outside the spec), not unknown
-    assert release.forward_mode is upstream.StandInForwardMode
+    assert release.forward_mode is stand_ins.StandInForwardMode
     assert release.roles["split_seq_index"].signature == (
         "compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per_seq)")
 
 
 def test_a_faithful_module_agrees_under_the_default_rule(tmp_path, probes):
-    report = upstream.compare(load(tmp_path, FAITHFUL), probes)
-    assert report.rule == "two_chunk" and report.ok, upstream.format_report(report)
+    report = classify.compare(load(tmp_path, FAITHFUL), probes)
+    assert report.rule == "two_chunk" and report.ok, format_report(report)
     assert report.rule_counts["balanced"] > 0  # the probes tell the rules apart
     assert report.rule_counts["guarded_two_chunk"] > 0
     for role, result in report.results.items():
@@ -197,17 +199,17 @@ def test_a_planted_off_by_one_is_found_with_a_pasteable_case(tmp_path, probes):
     planted = FAITHFUL.replace("if running > half:", "if running >= half:")
     assert planted != FAITHFUL
     release = load(tmp_path, planted)
-    report = upstream.compare(release, probes)
+    report = classify.compare(release, probes)
     assert not report.ok
     result = report.results["cum_half_split"]
     assert result.differ > 0 and result.examples
     literal, ours, theirs = result.examples[0]
     case = eval(literal)  # a SplitCase literal, pasteable into a test
     assert isinstance(case, SplitCase) and ours != theirs
-    (again,) = [p for p in upstream.case_probes(upstream.SpecSide(), case)
+    (again,) = [p for p in batches.case_probes(batches.SpecSide(), case)
                 if p.role == "cum_half_split"]
-    assert again.spec("two_chunk") != upstream.upstream_outcome(release, again, "two_chunk")
-    assert "first disagreements:" in upstream.format_report(report)
+    assert again.spec("two_chunk") != classify.upstream_outcome(release, again, "two_chunk")
+    assert "first disagreements:" in format_report(report)
 
 
 def test_the_cli_exits_0_on_a_faithful_module_and_1_on_a_planted_bug(tmp_path, capsys):
@@ -215,9 +217,9 @@ def test_the_cli_exits_0_on_a_faithful_module_and_1_on_a_planted_bug(tmp_path, c
     good.write_text(FAITHFUL)
     bad.write_text(FAITHFUL.replace("if running > half:", "if running >= half:"))
     flags = ["--cases_per_mode=10", "--examples=1"]
-    assert upstream.main(["upstream", f"--sglang_source={good}", *flags]) == 0
+    assert upstream_cli.main(["upstream", f"--sglang_source={good}", *flags]) == 0
     assert "verdict: AGREES" in capsys.readouterr().out
-    assert upstream.main(["upstream", f"--sglang_source={bad}", *flags]) == 1
+    assert upstream_cli.main(["upstream", f"--sglang_source={bad}", *flags]) == 1
     out = capsys.readouterr().out
     assert "first disagreements:" in out and "SplitCase(" in out
 
@@ -227,9 +229,9 @@ def test_a_renamed_function_is_absent_and_its_new_name_unknown(tmp_path, probes)
     release = load(tmp_path, renamed)
     assert release.absent == ["balanced_split"]
     assert release.unknown == ["_split_array_by_even_sum"]
-    report = upstream.compare(release, probes)  # its callers still run (lifted as helpers)
+    report = classify.compare(release, probes)  # its callers still run (lifted as helpers)
     assert report.ok and report.results["extend_split"].agree > 0
-    assert "balanced_split       (absent)" in upstream.format_report(report)
+    assert "balanced_split       (absent)" in format_report(report)
 
 
 def test_an_older_name_is_reported_as_a_rename(tmp_path):
@@ -244,17 +246,17 @@ def test_a_function_needing_what_the_stand_ins_lack_is_reported_not_run(tmp_path
                             "    d = sglang_only_helper(spec_info)\n")
     release = load(tmp_path, text)
     assert "sglang_only_helper" in release.roles["mask_offset"].problem
-    report = upstream.compare(release, probes)
+    report = classify.compare(release, probes)
     assert "mask_offset" not in report.results or report.results["mask_offset"].cases == 0
-    assert "not run: uses sglang_only_helper" in upstream.format_report(report)
+    assert "not run: uses sglang_only_helper" in format_report(report)
 
 
 def test_old_signatures_are_bound_by_name_and_match_the_balanced_rule(tmp_path, probes):
     release = load(tmp_path, BALANCED_ONLY)
     assert release.roles["balanced_split"].renamed
     assert set(release.absent) >= {"two_chunk", "token_num_per_seq", "replay_split"}
-    report = upstream.compare(release, probes)
-    assert report.rule == "balanced" and report.ok, upstream.format_report(report)
+    report = classify.compare(release, probes)
+    assert report.rule == "balanced" and report.ok, format_report(report)
     expected = report.results["split_seq_index"].expected
     assert any("TARGET_VERIFY, a mode this release does not have yet" in r for r in expected)
 
@@ -263,12 +265,12 @@ def test_a_source_tree_is_searched_for_the_module(tmp_path):
     (tmp_path / "pkg" / "srt" / "batch_overlap").mkdir(parents=True)
     (tmp_path / "pkg" / "other.py").write_text("x = 1\n")
     (tmp_path / "pkg" / "srt" / "batch_overlap" / "two_batch_overlap.py").write_text(FAITHFUL)
-    source = upstream.read_source(tmp_path)
+    source = fetch.read_source(tmp_path)
     assert source.module_path.endswith("batch_overlap/two_batch_overlap.py")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "other.py").write_text("x = 1\n")
-    with pytest.raises(upstream.SourceError, match="no file defines compute_split_seq_index"):
-        upstream.read_source(tmp_path / "elsewhere")
+    with pytest.raises(fetch.SourceError, match="no file defines compute_split_seq_index"):
+        fetch.read_source(tmp_path / "elsewhere")
 
 
 def _never(*args, **kwargs):
@@ -280,18 +282,18 @@ def test_usage_errors_exit_2_with_one_line_before_any_work(tmp_path, capsys, mon
     upstream`, with "tbo-parity:", parity_tests/test_cli_ep.py); a missing --sglang_source is
     refused before the spec's side is built or anything is fetched."""
     for name in ("SpecSide", "all_probes", "fetch_release", "read_source", "load_release"):
-        monkeypatch.setattr(upstream, name, _never)
+        monkeypatch.setattr(upstream_cli, name, _never)
     missing = tmp_path / "missing.py"
     for args, says in [([], "give --sglang_version=V"), (["--cases_per_mode=0"], "cases_per_mode"),
                        ([f"--sglang_source={missing}", "--cases_per_mode=1"],
                         f"--sglang_source={missing}: no such file or directory"),
                        (["--sglang_version=0.4.7", f"--sglang_source={missing}"],
                         "no such file or directory")]:
-        assert upstream.main(["upstream", *args]) == 2, args
+        assert upstream_cli.main(["upstream", *args]) == 2, args
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1, (args, out, err)
         assert err.startswith("upstream: ") and says in err, (args, err)
-    assert upstream.main(["upstream", f"--sglang_source={missing}"], prog="tbo-parity") == 2
+    assert upstream_cli.main(["upstream", f"--sglang_source={missing}"], prog="tbo-parity") == 2
     assert capsys.readouterr().err == (
         f"tbo-parity: --sglang_source={missing}: no such file or directory\n")
 
@@ -325,10 +327,10 @@ def test_each_phase_says_so_on_stderr_before_it_starts(tmp_path, capsys, monkeyp
             return function(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(upstream, "all_probes", lambda *args: probes)  # a small run
+    monkeypatch.setattr(upstream_cli, "all_probes", lambda *args: probes)  # a small run
     for name in ("SpecSide", "fetch_release", "read_source", "load_release", "compare"):
-        monkeypatch.setattr(upstream, name, announced(name, getattr(upstream, name)))
-    status = upstream.main(["tbo-parity upstream", "--sglang_version=9.9.9",
+        monkeypatch.setattr(upstream_cli, name, announced(name, getattr(upstream_cli, name)))
+    status = upstream_cli.main(["tbo-parity upstream", "--sglang_version=9.9.9",
                             f"--sglang_source={source}", f"--cache_dir={tmp_path / 'cache'}"],
                            prog="tbo-parity")
     assert status == 0
@@ -354,12 +356,12 @@ def test_each_phase_says_so_on_stderr_before_it_starts(tmp_path, capsys, monkeyp
 
 def test_a_release_not_cached_says_where_it_is_fetched_to(tmp_path, capsys, monkeypatch):
     def unreachable(version, cache_dir):
-        raise upstream.SourceError(f"could not fetch sglang=={version}: no network", True)
+        raise fetch.SourceError(f"could not fetch sglang=={version}: no network", True)
 
-    monkeypatch.setattr(upstream, "SpecSide", lambda: None)
-    monkeypatch.setattr(upstream, "all_probes", lambda *args: [])
-    monkeypatch.setattr(upstream, "fetch_release", unreachable)
-    assert upstream.main(["upstream", "--sglang_version=9.9.9",
+    monkeypatch.setattr(upstream_cli, "SpecSide", lambda: None)
+    monkeypatch.setattr(upstream_cli, "all_probes", lambda *args: [])
+    monkeypatch.setattr(upstream_cli, "fetch_release", unreachable)
+    assert upstream_cli.main(["upstream", "--sglang_version=9.9.9",
                           f"--cache_dir={tmp_path}"]) == 2
     out, err = capsys.readouterr()
     assert err.splitlines()[1] == (
@@ -372,19 +374,19 @@ def test_a_real_release_is_loaded_from_its_wheel_and_matches_its_rule():
     data-parallel agreement of its time, the rule "idle_as_decode" (an all-idle step runs TBO
     as DECODE): named, and the release agrees."""
     try:
-        wheel = upstream.fetch_release("0.4.7", upstream.FLAGS["cache_dir"].default)
-    except upstream.SourceError as error:
+        wheel = fetch.fetch_release("0.4.7", upstream_cli.FLAGS["cache_dir"].default)
+    except fetch.SourceError as error:
         if not error.unreachable:
             raise
         pytest.skip(f"the package index cannot be reached: {error}")
-    release = upstream.load_release(upstream.read_source(wheel, "sglang 0.4.7"))
+    release = lift.load_release(fetch.read_source(wheel, "sglang 0.4.7"))
     assert release.source.module_path == "sglang/srt/two_batch_overlap.py"
     assert release.forward_mode_origin.endswith("forward_batch_info.py")
     assert release.roles["balanced_split"].renamed and "two_chunk" in release.absent
     assert release.unknown == []
-    report = upstream.compare(release, upstream.all_probes(upstream.SpecSide(), 10, 0, 24))
-    assert report.rule == "balanced", upstream.format_report(report)
-    assert report.dp_rule == "idle_as_decode" and report.ok, upstream.format_report(report)
+    report = classify.compare(release, batches.all_probes(batches.SpecSide(), 10, 0, 24))
+    assert report.rule == "balanced", format_report(report)
+    assert report.dp_rule == "idle_as_decode" and report.ok, format_report(report)
     assert report.dp_rule_counts["idle_left_out"] > 0  # the current rule would not fit
     dp = report.results["dp_agreement"]
     assert dp.differ == 0 and dp.agree == dp.cases > 0

@@ -1,5 +1,5 @@
-"""The upstream checker's classification (parity_tests/upstream.py: ``classify``, ``compare``,
-``Report``, ``format_report``, ``main``), offline.
+"""The upstream checker's classification (parity_tests/upstream/: ``classify``, ``compare``,
+``Report`` in classify.py, ``format_report`` in report.py, ``main`` in cli.py), offline.
 
 What this file proves:
 
@@ -32,9 +32,11 @@ import pathlib
 
 import pytest
 
-from parity_tests import upstream
 from parity_tests.split_parity import SplitCase  # also for eval of reported literals
 from parity_tests.test_upstream import BALANCED_ONLY, FAITHFUL
+from parity_tests.upstream import batches, classify, fetch, lift, outcomes
+from parity_tests.upstream import cli as upstream_cli
+from parity_tests.upstream.report import format_report
 from reference.split import DEFAULT_EXTEND_SPLIT, EXTEND_SPLITS
 
 # The reasons, as the spec and docs/upstream.md name the expected differences.
@@ -121,7 +123,7 @@ def probes():
     """A small run's probes: one generated batch per mode, MIXED, the degenerate EXTEND
     batches that tell the rules apart, replays up to 8 slots, every data-parallel report of up
     to 3 ranks, bad input."""
-    return upstream.all_probes(upstream.SpecSide(), cases_per_mode=1, seed=0, max_graph_bs=8)
+    return batches.all_probes(batches.SpecSide(), cases_per_mode=1, seed=0, max_graph_bs=8)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,7 @@ def release(tmp_path_factory):
     def load(text):
         path = tmp_path_factory.mktemp("release") / "two_batch_overlap.py"
         path.write_text(text)
-        return upstream.load_release(upstream.read_source(path))
+        return lift.load_release(fetch.read_source(path))
     return load
 
 
@@ -162,8 +164,8 @@ def test_outcomes_that_agree_are_no_difference_in_any_mode(release, probes):
                  one(probes, "split_seq_index", invalid=True)]
     for probe in excusable:
         ours = probe.spec(DEFAULT_EXTEND_SPLIT)
-        assert upstream.classify(without_tv, probe, ours, ours) is None, probe.literal
-        assert upstream.classify(without_tv, probe, ours, upstream.Raised("ZeroDivisionError")) \
+        assert classify.classify(without_tv, probe, ours, ours) is None, probe.literal
+        assert classify.classify(without_tv, probe, ours, outcomes.Raised("ZeroDivisionError")) \
             is not None, probe.literal
 
 
@@ -172,24 +174,24 @@ def test_an_idle_replay_difference_is_excused_and_no_other_idle_or_replay_one(re
     difference; the same division in IDLE outside graph replay (the split of a real batch, a
     data-parallel report of idle ranks) and a DECODE replay difference are unexplained."""
     faithful = release(FAITHFUL)
-    divides = upstream.Raised("ZeroDivisionError")
+    divides = outcomes.Raised("ZeroDivisionError")
     idle_replays = [p for p in probes if p.role == "replay_split" and p.mode == "IDLE"]
     assert len(idle_replays) == 8 + 2  # graph sizes 0..8, and twice the largest
     for probe in idle_replays:
-        assert upstream.classify(faithful, probe, probe.spec(DEFAULT_EXTEND_SPLIT), divides) \
+        assert classify.classify(faithful, probe, probe.spec(DEFAULT_EXTEND_SPLIT), divides) \
             == IDLE_REPLAY
     decode_replay = one(probes, "replay_split", "DECODE")
-    assert upstream.classify(faithful, decode_replay, decode_replay.spec(DEFAULT_EXTEND_SPLIT),
+    assert classify.classify(faithful, decode_replay, decode_replay.spec(DEFAULT_EXTEND_SPLIT),
                              divides) == UNEXPLAINED
     idle_batch = [p for p in probes if p.mode == "IDLE" and p.role != "replay_split"
                   and not p.invalid]
     assert {p.role for p in idle_batch} >= {"token_num_per_seq", "split_seq_index",
                                             "split_token_index"}
     for probe in idle_batch:
-        assert upstream.classify(faithful, probe, probe.spec(DEFAULT_EXTEND_SPLIT), divides) \
+        assert classify.classify(faithful, probe, probe.spec(DEFAULT_EXTEND_SPLIT), divides) \
             == UNEXPLAINED, probe.role
     all_idle = one(probes, "dp_agreement", literal="compute_dp_tbo_decision([(True, None)])")
-    assert upstream.classify(faithful, all_idle, all_idle.spec(DEFAULT_EXTEND_SPLIT),
+    assert classify.classify(faithful, all_idle, all_idle.spec(DEFAULT_EXTEND_SPLIT),
                              (True, "DECODE")) == UNEXPLAINED
     # The reason cites a section the spec really has.
     spec_text = (pathlib.Path(__file__).parents[1] / "docs" / "spec.md").read_text()
@@ -206,8 +208,8 @@ def test_only_the_documented_idle_replay_difference_is_excused(release, probes):
     assert eight
     for probe in eight:
         ours = probe.spec(DEFAULT_EXTEND_SPLIT)
-        assert upstream.classify(faithful, probe, ours, (3, 3)) == UNEXPLAINED
-        assert upstream.classify(faithful, probe, ours, upstream.Raised("ZeroDivisionError")) \
+        assert classify.classify(faithful, probe, ours, (3, 3)) == UNEXPLAINED
+        assert classify.classify(faithful, probe, ours, outcomes.Raised("ZeroDivisionError")) \
             == IDLE_REPLAY
 
 
@@ -222,14 +224,14 @@ def test_a_dp_report_naming_a_mode_the_release_lacks_is_an_outcome_not_a_crash(r
     others = [p for p in dp if "TARGET_VERIFY" not in p.values["forward_modes"]]
     assert naming and others
     for probe in naming:
-        theirs = upstream.upstream_outcome(old, probe, DEFAULT_EXTEND_SPLIT)
-        assert isinstance(theirs, upstream.MissingMode), (probe.literal, theirs)
-        assert upstream.classify(old, probe, probe.spec(DEFAULT_EXTEND_SPLIT), theirs) == \
+        theirs = classify.upstream_outcome(old, probe, DEFAULT_EXTEND_SPLIT)
+        assert isinstance(theirs, outcomes.MissingMode), (probe.literal, theirs)
+        assert classify.classify(old, probe, probe.spec(DEFAULT_EXTEND_SPLIT), theirs) == \
             "expected: TARGET_VERIFY, a mode this release does not have"
     for probe in others:
-        theirs = upstream.upstream_outcome(old, probe, DEFAULT_EXTEND_SPLIT)
+        theirs = classify.upstream_outcome(old, probe, DEFAULT_EXTEND_SPLIT)
         assert theirs == probe.spec(DEFAULT_EXTEND_SPLIT), probe.literal
-    report = upstream.compare(old, dp)
+    report = classify.compare(old, dp)
     assert report.results["dp_agreement"].differ == 0
 
 
@@ -240,18 +242,18 @@ def test_a_validation_difference_is_excused_only_on_bad_input_the_spec_rejects(r
     faithful = release(FAITHFUL)
     bad = [p for p in probes if p.invalid]
     assert len(bad) == 5
-    asserts = upstream.Raised("AssertionError")
+    asserts = outcomes.Raised("AssertionError")
     for probe in bad:
         ours = probe.spec(DEFAULT_EXTEND_SPLIT)
-        assert ours == upstream.SPEC_REJECTS, probe.literal  # docs/spec.md, "Bad input"
-        assert upstream.classify(faithful, probe, ours, asserts) == \
+        assert ours == outcomes.SPEC_REJECTS, probe.literal  # docs/spec.md, "Bad input"
+        assert classify.classify(faithful, probe, ours, asserts) == \
             validation("raises AssertionError")
-        assert upstream.classify(faithful, probe, ours, 1) == validation("returns a value")
-        assert upstream.classify(faithful, probe, ours, upstream.Raised("ValueError")) is None
+        assert classify.classify(faithful, probe, ours, 1) == validation("returns a value")
+        assert classify.classify(faithful, probe, ours, outcomes.Raised("ValueError")) is None
         accepted = dataclasses.replace(probe, invalid=False)
-        assert upstream.classify(faithful, accepted, ours, asserts) == UNEXPLAINED
-        assert upstream.classify(faithful, probe, 0, asserts) == UNEXPLAINED  # spec accepts
-        assert upstream.classify(faithful, probe, 0, 1) == UNEXPLAINED
+        assert classify.classify(faithful, accepted, ours, asserts) == UNEXPLAINED
+        assert classify.classify(faithful, probe, 0, asserts) == UNEXPLAINED  # spec accepts
+        assert classify.classify(faithful, probe, 0, 1) == UNEXPLAINED
 
 
 def test_a_mixed_difference_is_excused_and_the_same_extend_difference_is_not(release, probes):
@@ -261,11 +263,11 @@ def test_a_mixed_difference_is_excused_and_the_same_extend_difference_is_not(rel
     mixed = [p for p in probes if p.mode == "MIXED"]
     assert {p.role for p in mixed} == {"token_num_per_seq", "split_seq_index",
                                        "split_token_index"}
-    raises = upstream.Raised("NotImplementedError")
+    raises = outcomes.Raised("NotImplementedError")
     for probe in mixed:
         ours = probe.spec(DEFAULT_EXTEND_SPLIT)
-        assert upstream.classify(faithful, probe, ours, raises) == MIXED
-        assert upstream.classify(faithful, dataclasses.replace(probe, mode="EXTEND"), ours,
+        assert classify.classify(faithful, probe, ours, raises) == MIXED
+        assert classify.classify(faithful, dataclasses.replace(probe, mode="EXTEND"), ours,
                                  raises) == UNEXPLAINED
 
 
@@ -276,16 +278,16 @@ def test_target_verify_is_excused_only_in_a_release_without_it(release, probes):
     assert (without_tv.has_target_verify, with_tv.has_target_verify) == (False, True)
     verify = [p for p in probes if p.mode == "TARGET_VERIFY" and not p.invalid]
     assert {p.role for p in verify} >= {"split_seq_index", "replay_split", "mask_offset"}
-    asserts = upstream.Raised("AssertionError")
+    asserts = outcomes.Raised("AssertionError")
     for probe in verify:
         ours = probe.spec(DEFAULT_EXTEND_SPLIT)
-        assert upstream.classify(without_tv, probe, ours, asserts) == NO_TARGET_VERIFY
-        assert upstream.classify(with_tv, probe, ours, asserts) == UNEXPLAINED
+        assert classify.classify(without_tv, probe, ours, asserts) == NO_TARGET_VERIFY
+        assert classify.classify(with_tv, probe, ours, asserts) == UNEXPLAINED
     decode = [p for p in probes if p.mode == "DECODE" and not p.invalid]
     assert decode
     for probe in decode:
         ours = probe.spec(DEFAULT_EXTEND_SPLIT)
-        assert upstream.classify(without_tv, probe, ours, asserts) == UNEXPLAINED
+        assert classify.classify(without_tv, probe, ours, asserts) == UNEXPLAINED
 
 
 def test_a_mode_the_release_enum_lacks_is_an_outcome_that_is_excused(release, probes):
@@ -295,14 +297,14 @@ def test_a_mode_the_release_enum_lacks_is_an_outcome_that_is_excused(release, pr
     assert old.forward_mode_origin != "stand-in"
     assert "TARGET_VERIFY" not in old.forward_mode.__members__
     verify = one(probes, "split_seq_index", "TARGET_VERIFY")
-    theirs = upstream.upstream_outcome(old, verify, DEFAULT_EXTEND_SPLIT)
-    assert theirs == upstream.MissingMode(
+    theirs = classify.upstream_outcome(old, verify, DEFAULT_EXTEND_SPLIT)
+    assert theirs == outcomes.MissingMode(
         "KeyError: the release has no ForwardMode.TARGET_VERIFY")
-    assert upstream.classify(old, verify, verify.spec(DEFAULT_EXTEND_SPLIT), theirs) == \
+    assert classify.classify(old, verify, verify.spec(DEFAULT_EXTEND_SPLIT), theirs) == \
         NO_TARGET_VERIFY
     extend = one(probes, "split_seq_index", literal=repr(SplitCase(
         "EXTEND", (100, 2000), (100, 2000), (0, 0))))  # a degenerate batch: balanced at 1
-    assert upstream.upstream_outcome(old, extend, "balanced") == extend.spec("balanced") == 1
+    assert classify.upstream_outcome(old, extend, "balanced") == extend.spec("balanced") == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,15 +316,15 @@ def test_idle_replay_dividing_by_zero_is_expected_and_the_release_agrees(release
     """A module whose IDLE replay divides by 0 agrees, every IDLE replay counted as the
     expected IDLE difference; the module that replays IDLE as DECODE needs no excuse."""
     idle_replays = sum(p.role == "replay_split" and p.mode == "IDLE" for p in probes)
-    report = upstream.compare(release(IDLE_REPLAY_DIVIDES), probes)
+    report = classify.compare(release(IDLE_REPLAY_DIVIDES), probes)
     replay = report.results["replay_split"]
     assert replay.expected == {IDLE_REPLAY: idle_replays} and replay.differ == 0
     assert report.rule == DEFAULT_EXTEND_SPLIT and report.ok
-    text = upstream.format_report(report)
+    text = format_report(report)
     assert f"  replay_split: {idle_replays} x {IDLE_REPLAY}" in text
     assert "verdict: AGREES" in text
 
-    faithful = upstream.compare(release(FAITHFUL), probes).results["replay_split"]
+    faithful = classify.compare(release(FAITHFUL), probes).results["replay_split"]
     assert faithful.expected == {} and faithful.agree == faithful.cases
 
 
@@ -332,7 +334,7 @@ def test_an_idle_difference_outside_graph_replay_is_unexplained(release, probes)
     rule it still follows."""
     idle_calls = sum(p.role == "token_num_per_seq" and p.mode == "IDLE" for p in probes)
     assert idle_calls
-    report = upstream.compare(release(IDLE_TOKENS_MISSING), probes)
+    report = classify.compare(release(IDLE_TOKENS_MISSING), probes)
     result = report.results["token_num_per_seq"]
     assert result.differ == idle_calls == report.unexplained
     assert not any("IDLE" in reason for r in report.results.values() for reason in r.expected)
@@ -347,20 +349,20 @@ def test_an_idle_division_by_zero_outside_graph_replay_is_unexplained(release, p
     idle_splits = sum(p.role == "split_seq_index" and p.mode == "IDLE" and not p.invalid
                       for p in probes)
     assert idle_splits
-    report = upstream.compare(release(IDLE_SPLIT_DIVIDES), probes)
+    report = classify.compare(release(IDLE_SPLIT_DIVIDES), probes)
     result = report.results["split_seq_index"]
     assert result.differ == idle_splits == report.unexplained
     assert not any("IDLE" in reason for r in report.results.values() for reason in r.expected)
     assert not report.ok
     literal, ours, theirs = result.examples[0]
     assert eval(literal).mode == "IDLE" and (ours, theirs) == (
-        0, upstream.Raised("ZeroDivisionError"))
+        0, outcomes.Raised("ZeroDivisionError"))
 
 
 def test_a_non_extend_bug_in_a_rule_function_leaves_the_extend_rule_detected(release, probes):
     """The EXTEND rule is told from EXTEND calls: an IDLE bug in compute_split_seq_index
     leaves the module's rule named, the bug reported as unexplained."""
-    report = upstream.compare(release(IDLE_SPLIT_DIVIDES), probes)
+    report = classify.compare(release(IDLE_SPLIT_DIVIDES), probes)
     assert report.rule == DEFAULT_EXTEND_SPLIT, report.rule_counts
     assert report.unexplained > 0 and not report.ok
 
@@ -369,21 +371,21 @@ def test_target_verify_differences_are_unexplained_once_the_release_has_it(relea
     """A release without TARGET_VERIFY agrees, its TARGET_VERIFY calls expected; in a release
     with TARGET_VERIFY, wrong mask offsets are unexplained, and the same module taken as a
     release without TARGET_VERIFY has them expected."""
-    without_tv = upstream.compare(release(BALANCED_ONLY), probes)
+    without_tv = classify.compare(release(BALANCED_ONLY), probes)
     seq = without_tv.results["split_seq_index"]
     assert seq.expected.get(NO_TARGET_VERIFY, 0) > 0 and seq.differ == 0
     assert without_tv.rule == "balanced" and without_tv.ok
 
     wrong = release(WRONG_MASK)
     assert wrong.has_target_verify
-    report = upstream.compare(wrong, probes)
+    report = classify.compare(wrong, probes)
     mask = report.results["mask_offset"]
     assert mask.differ > 0 and mask.expected == {} and report.unexplained == mask.differ
     assert all(eval(literal.split(" (mask")[0]).mode == "TARGET_VERIFY"
                for literal, _, _ in mask.examples)
     assert report.rule == DEFAULT_EXTEND_SPLIT and not report.ok
 
-    older = upstream.compare(dataclasses.replace(wrong, has_target_verify=False), probes)
+    older = classify.compare(dataclasses.replace(wrong, has_target_verify=False), probes)
     assert older.results["mask_offset"].expected == {NO_TARGET_VERIFY: mask.differ}
     assert older.results["mask_offset"].differ == 0 and older.ok
 
@@ -395,12 +397,12 @@ def test_the_extend_rule_a_module_follows_is_named_and_none_when_it_follows_none
         release, probes, text, rule):
     """Each EXTEND rule is named for the module that follows it (no disagreement under it,
     some under each other rule); a module that follows none is named none and fails."""
-    report = upstream.compare(release(text), probes)
-    assert report.rule == rule, upstream.format_report(report)
+    report = classify.compare(release(text), probes)
+    assert report.rule == rule, format_report(report)
     assert set(report.rule_counts) == set(EXTEND_SPLITS)
     for other in EXTEND_SPLITS:
         assert (report.rule_counts[other] == 0) == (other == rule), report.rule_counts
-    text = upstream.format_report(report)
+    text = format_report(report)
     if rule is None:
         assert not report.ok
         assert "EXTEND rule: matches NO rule" in text and "verdict: matches no EXTEND rule" in text
@@ -423,18 +425,18 @@ def test_the_old_dp_rule_is_named_and_the_extend_rule_still_detected(
     named "idle_as_decode", its data-parallel reports all agree under it, and it passes; the
     EXTEND rule is named as without it, with the same per-rule counts. The same module with
     the current agreement is named "idle_left_out"."""
-    good = upstream.compare(release(text), probes)
+    good = classify.compare(release(text), probes)
     assert good.rule == rule and good.ok and good.results["dp_agreement"].agree > 0
     assert good.dp_rule == "idle_left_out"
     assert good.dp_rule_counts["idle_left_out"] == 0 < good.dp_rule_counts["idle_as_decode"]
-    assert f"DP rule:     idle_left_out  (" in upstream.format_report(good)
+    assert f"DP rule:     idle_left_out  (" in format_report(good)
 
-    old = upstream.compare(release(changed(text, *IDLE_AS_DECODE)), probes)
+    old = classify.compare(release(changed(text, *IDLE_AS_DECODE)), probes)
     assert old.rule == rule and old.rule_counts == good.rule_counts
     assert old.dp_rule == "idle_as_decode" and old.ok and old.unexplained == 0
     dp = old.results["dp_agreement"]
     assert dp.cases == dp.agree > 0 and dp.expected == {} and dp.examples == []
-    text_out = upstream.format_report(old)
+    text_out = format_report(old)
     assert "DP rule:     idle_as_decode  (" in text_out and "verdict: AGREES" in text_out
 
     # Which reports the rules tell apart: some with an idle rank, none without one; as many as
@@ -451,10 +453,10 @@ def test_the_old_dp_rule_is_named_and_the_extend_rule_still_detected(
             ("[(True, None)]", (False, None), (True, "DECODE")),
             ("[(True, None), (True, 'EXTEND')]", (True, "EXTEND"), (False, None))]:
         probe = one(dp_probes, "dp_agreement", literal=f"compute_dp_tbo_decision({ranks})")
-        theirs = upstream.upstream_outcome(old.release, probe, rule)
+        theirs = classify.upstream_outcome(old.release, probe, rule)
         assert probe.dp_spec == {"idle_left_out": current, "idle_as_decode": idle_as_decode}
         assert theirs == idle_as_decode and probe.spec(rule) == current
-        assert upstream.classify(old.release, probe, current, theirs) == UNEXPLAINED
+        assert classify.classify(old.release, probe, current, theirs) == UNEXPLAINED
 
 
 @pytest.mark.parametrize("text, rule", [(FAITHFUL, "two_chunk"), (BALANCED_WITH_DP, "balanced")],
@@ -464,32 +466,32 @@ def test_a_dp_bug_that_fits_neither_rule_is_reported_and_the_extend_rule_still_d
     """An idle rank counted as EXTEND fits neither data-parallel rule: no rule is named, the
     reports are compared under the default and their disagreements are unexplained (those
     with an idle rank, and only those); the EXTEND rule is still named; the release fails."""
-    good = upstream.compare(release(text), probes)
-    bad = upstream.compare(release(changed(text, *IDLE_AS_EXTEND)), probes)
+    good = classify.compare(release(text), probes)
+    bad = classify.compare(release(changed(text, *IDLE_AS_EXTEND)), probes)
     assert bad.rule == rule and bad.rule_counts == good.rule_counts
     assert bad.dp_rule is None and min(bad.dp_rule_counts.values()) > 0
     dp = bad.results["dp_agreement"]
     assert dp.differ == bad.dp_rule_counts["idle_left_out"]  # compared under the default
     assert dp.expected == {} and bad.unexplained == dp.differ and not bad.ok
-    text_out = upstream.format_report(bad)
+    text_out = format_report(bad)
     assert "DP rule:     matches NO rule; compared under the default  (" in text_out
     assert f"verdict: {dp.differ} unexplained disagreement(s)" in text_out
     dp_probes = [p for p in probes if p.role == "dp_agreement"]
     for probe in dp_probes:
         if not has_idle_rank(probe):
-            assert probe.spec(rule) == upstream.upstream_outcome(bad.release, probe, rule), \
+            assert probe.spec(rule) == classify.upstream_outcome(bad.release, probe, rule), \
                 probe.literal
     assert 0 < dp.differ < sum(has_idle_rank(p) for p in dp_probes)
     all_idle = one(dp_probes, "dp_agreement", literal="compute_dp_tbo_decision([(True, None)])")
-    assert upstream.upstream_outcome(bad.release, all_idle, rule) == (True, "EXTEND")
+    assert classify.upstream_outcome(bad.release, all_idle, rule) == (True, "EXTEND")
 
 
 def test_a_release_without_the_dp_agreement_names_no_dp_rule_and_prints_none(release, probes):
     """No data-parallel agreement in the module: nothing to name, no DP line, and it passes."""
-    report = upstream.compare(release(BALANCED_ONLY), probes)
+    report = classify.compare(release(BALANCED_ONLY), probes)
     assert "dp_agreement" not in report.release.roles
     assert report.ok and report.dp_rule is None and report.dp_rule_counts == {}
-    assert "DP rule:" not in upstream.format_report(report)
+    assert "DP rule:" not in format_report(report)
 
 
 def test_the_cli_exits_0_on_the_old_dp_rule_naming_it_and_1_on_a_dp_bug_of_neither_rule(
@@ -498,27 +500,27 @@ def test_the_cli_exits_0_on_the_old_dp_rule_naming_it_and_1_on_a_dp_bug_of_neith
     data-parallel bug that fits neither rule exits 1, the EXTEND rule still named and the
     disagreement printed; the current agreement exits 0. (The run's probes are this file's
     small set: building the command's own is test_upstream.py's business.)"""
-    monkeypatch.setattr(upstream, "all_probes", lambda *args, **kwargs: probes)
+    monkeypatch.setattr(upstream_cli, "all_probes", lambda *args, **kwargs: probes)
     good, old, bad = tmp_path / "good.py", tmp_path / "old.py", tmp_path / "bad.py"
     good.write_text(FAITHFUL)
     old.write_text(changed(FAITHFUL, *IDLE_AS_DECODE))
     bad.write_text(changed(FAITHFUL, *IDLE_AS_EXTEND))
     flags = ["--cases_per_mode=1", "--examples=1"]
-    assert upstream.main(["upstream", f"--sglang_source={old}", *flags]) == 0
+    assert upstream_cli.main(["upstream", f"--sglang_source={old}", *flags]) == 0
     out = capsys.readouterr().out
     assert "EXTEND rule: two_chunk  (" in out and "DP rule:     idle_as_decode  (" in out
     assert "verdict: AGREES" in out and "first disagreements:" not in out
-    assert upstream.main(["upstream", f"--sglang_source={bad}", *flags]) == 1
+    assert upstream_cli.main(["upstream", f"--sglang_source={bad}", *flags]) == 1
     out = capsys.readouterr().out
     assert "EXTEND rule: two_chunk  (" in out and "DP rule:     matches NO rule" in out
     assert "  dp_agreement: compute_dp_tbo_decision(" in out
     assert "unexplained disagreement(s)" in out and "verdict: AGREES" not in out
-    assert upstream.main(["upstream", f"--sglang_source={good}", *flags]) == 0
+    assert upstream_cli.main(["upstream", f"--sglang_source={good}", *flags]) == 0
     out = capsys.readouterr().out
     assert "EXTEND rule: two_chunk  (" in out and "DP rule:     idle_left_out  (" in out
     assert "verdict: AGREES" in out and "first disagreements:" not in out
     # Both releases together: the worst status.
-    assert upstream.main(["upstream", f"--sglang_source={old}", f"--sglang_source={bad}",
+    assert upstream_cli.main(["upstream", f"--sglang_source={old}", f"--sglang_source={bad}",
                           *flags]) == 1
 
 
@@ -533,9 +535,9 @@ def test_a_report_counts_only_unexplained_differences_and_is_ok_only_under_a_rul
     loaded = release(BALANCED_ONLY)
 
     def report(rule, differ):
-        results = {role: upstream.RoleResult(cases=20, agree=10 - n, expected={MIXED: 10},
+        results = {role: classify.RoleResult(cases=20, agree=10 - n, expected={MIXED: 10},
                                              differ=n) for role, n in zip(loaded.roles, differ)}
-        return upstream.Report(loaded, rule, {r: 0 for r in EXTEND_SPLITS}, results, 0.0)
+        return classify.Report(loaded, rule, {r: 0 for r in EXTEND_SPLITS}, results, 0.0)
 
     assert len(loaded.roles) == 3
     clean = report("balanced", (0, 0, 0))
@@ -545,7 +547,7 @@ def test_a_report_counts_only_unexplained_differences_and_is_ok_only_under_a_rul
     several = report("balanced", (2, 0, 3))
     assert several.unexplained == 5 and not several.ok
     assert not report(None, (0, 0, 0)).ok
-    text = upstream.format_report(several)
+    text = format_report(several)
     assert "verdict: 5 unexplained disagreement(s)" in text
     assert f"  split_seq_index: 10 x {MIXED}" in text
 
@@ -555,7 +557,7 @@ def test_compare_counts_every_probe_once_and_keeps_at_most_the_examples_asked(
         release, probes, examples):
     """Per function, cases = agree + expected + differ over the probes run; at most
     ``examples`` disagreements are kept, every disagreement still counted."""
-    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_EXTEND)), probes, examples)
+    report = classify.compare(release(changed(FAITHFUL, *IDLE_AS_EXTEND)), probes, examples)
     for role, result in report.results.items():
         run = sum(p.role == role for p in probes)
         assert result.cases == run == result.agree + sum(result.expected.values()) + \
@@ -571,7 +573,7 @@ def test_compare_keeps_three_examples_by_default_and_times_itself(release, probe
     import time
 
     start = time.perf_counter()
-    report = upstream.compare(release(changed(FAITHFUL, *IDLE_AS_EXTEND)), probes)
+    report = classify.compare(release(changed(FAITHFUL, *IDLE_AS_EXTEND)), probes)
     elapsed = time.perf_counter() - start
     dp = report.results["dp_agreement"]
     assert dp.differ > 3 and len(dp.examples) == 3
