@@ -63,7 +63,6 @@ class ForwardMode(enum.Enum):
 
 
 TBO_MODES = (ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.IDLE)
-UNIFORM_MODES = (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY)  # a fixed token count per seq
 
 
 def _mode_code(mode: ForwardMode) -> int:

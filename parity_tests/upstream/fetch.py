@@ -30,11 +30,6 @@ class SourceError(Exception):
         self.unreachable = unreachable  # the package index could not be reached
 
 
-def version_key(version: str) -> tuple:
-    """Sort key of a release number such as 0.4.9.post3."""
-    return tuple(int(part) for part in re.findall(r"\d+", version))
-
-
 def cached_archives(folder: pathlib.Path) -> list:
     """The release archives (wheels, sdists) in a cache folder, sorted; [] without one."""
     if not folder.is_dir():
