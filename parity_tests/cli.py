@@ -379,6 +379,9 @@ def check_graphs(dtype: str, device: str = "cuda"):
                        "seconds": time.perf_counter() - start, **report}
 
 
+# Every layout/transport pair a GPU host runs (a CPU run takes ep_parity's default).
+GPU_DISPATCHERS = ("packed/all_to_all", "packed/exact", "capacity/all_to_all",
+                   "capacity/copy_engine")
 EP_TIMEOUT_S = 900  # every rank is killed past it (a 4-rank CPU run takes about 20 s)
 
 
@@ -390,7 +393,7 @@ def check_expert_parallel(nproc: int, device: str):
     from parity_tests import ep_parity
     from parity_tests.model_parity import BOUNDS
 
-    args = (["--device=cuda", "--transports=all_to_all,copy_engine", "--graphs"]
+    args = ([f"--dispatchers={','.join(GPU_DISPATCHERS)}", "--device=cuda", "--graphs"]
             if device == "cuda" else [])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -225,9 +225,11 @@ def check_layer(dispatchers: dict, cfg, weights, *, device, dtype, rank, world_s
             rows.append({"check": "layer", "name": name, "transport": transport,
                          "tokens": count, "error": _relative(got.cpu(), want.cpu()),
                          "pairs_to_expert_1": int((topk_ids == 1).sum())})
-        first = next(iter(outputs.values()))
-        rows.append({"check": "layer-transports", "name": name,
-                     "bitwise_equal": all(torch.equal(first, o) for o in outputs.values())})
+        for layout in sorted({key.split("/")[0] for key in outputs}):  # within a layout
+            same = [o for key, o in outputs.items() if key.split("/")[0] == layout]
+            rows.append({"check": "layer-transports", "name": name, "layout": layout,
+                         "transports": len(same),
+                         "bitwise_equal": all(torch.equal(same[0], o) for o in same)})
     return rows
 
 
@@ -342,18 +344,38 @@ def check_graphs(model, ref_cfg, weights, *, dtype_name, rank, world_size) -> li
     return rows
 
 
-def faulty_dispatcher_type():
-    """A dispatcher with a planted bug, for the negative test: its pairs go to the wrong
-    ranks (each destination gets the block meant for the next rank)."""
-    from torch_impl.expert_parallel import ExpertParallelDispatcher
+# What the worker checks by default: both layouts, every transport a CPU has.
+DEFAULT_DISPATCHERS = ("packed/all_to_all", "packed/exact", "capacity/all_to_all")
+FAULTS = {"rotate_destinations": "capacity", "counts_short": "packed"}  # fault -> its layout
 
-    class Faulty(ExpertParallelDispatcher):
+
+def faulty_dispatcher_type(fault: str = "rotate_destinations"):
+    """A dispatcher with a planted bug, for the negative tests. ``rotate_destinations``
+    (capacity layout): its pairs go to the wrong ranks (each destination gets the block meant
+    for the next rank). ``counts_short`` (packed layout): it reports one row fewer for its
+    first non-empty (destination, local expert), so that expert's last row is left out."""
+    import torch
+
+    from torch_impl.expert_parallel import ExpertParallelDispatcher
+    from torch_impl.packed_dispatch import PackedDispatcher
+
+    class RotateDestinations(ExpertParallelDispatcher):
         @staticmethod
         def pack(send, rows, hidden, topk_ids, capacity) -> None:
             ExpertParallelDispatcher.pack(send, rows, hidden, topk_ids, capacity)
             send.copy_(send.roll(1, dims=0))
 
-    return Faulty
+    class CountsShort(PackedDispatcher):
+        @staticmethod
+        def pack(rows, counts_out, hidden, topk_ids, num_ranks, num_experts, region):
+            placed = PackedDispatcher.pack(rows, counts_out, hidden, topk_ids, num_ranks,
+                                           num_experts, region)
+            flat = counts_out.view(-1)
+            first = (flat > 0).to(torch.int32).argmax()  # device-side: no host read
+            flat[first] -= (flat[first] > 0).to(flat.dtype)
+            return placed
+
+    return {"rotate_destinations": RotateDestinations, "counts_short": CountsShort}[fault]
 
 
 def worker_main(argv) -> int:
@@ -364,23 +386,25 @@ def worker_main(argv) -> int:
     flags.DEFINE_string("out_dir", None, "where rank<r>.json goes", flag_values=FLAGS)
     flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "cpu (gloo) or cuda (nccl)",
                       flag_values=FLAGS)
-    flags.DEFINE_list("transports", ["all_to_all"], "all_to_all and/or copy_engine",
-                      flag_values=FLAGS)
+    flags.DEFINE_list("dispatchers", list(DEFAULT_DISPATCHERS),
+                      "layout/transport pairs: packed/all_to_all, packed/exact, "
+                      "capacity/all_to_all, capacity/copy_engine", flag_values=FLAGS)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype",
                       flag_values=FLAGS)
     flags.DEFINE_bool("graphs", False, "also CUDA-graph replay (cuda only)", flag_values=FLAGS)
     flags.DEFINE_list("scenarios", None, "model scenarios to run (default: all)",
                       flag_values=FLAGS)
-    flags.DEFINE_enum("fault", None, ["rotate_destinations"],
-                      "negative tests only: plant a bug on rank 0 (its pairs go to the wrong "
-                      "ranks); parity must then fail", flag_values=FLAGS)
+    flags.DEFINE_enum("fault", None, list(FAULTS),
+                      "negative tests only: plant a bug on rank 0 (rotate_destinations: its "
+                      "pairs go to the wrong ranks, capacity layout; counts_short: one count "
+                      "one row short, packed layout); parity must then fail", flag_values=FLAGS)
     FLAGS(argv)
 
     import torch
 
     from parity_tests import model_parity as mp
-    from torch_impl.expert_parallel import ExpertParallelDispatcher
     from torch_impl.model import MoEModel
+    from torch_impl.packed_dispatch import make_dispatcher
 
     rank, world_size, device = init_rank(FLAGS.device)
     started = time.time()
@@ -388,11 +412,18 @@ def worker_main(argv) -> int:
     ref_cfg, torch_cfg, weights, _ = mp.make_models(0)
     report = {"rank": rank, "world_size": world_size, "device": str(device),
               "torch": torch.__version__, "rows": []}
-    dispatcher_type = (faulty_dispatcher_type() if FLAGS.fault and rank == 0
-                       else ExpertParallelDispatcher)
-    dispatchers = {t: dispatcher_type(
-        torch_cfg.num_experts, hidden_size=torch_cfg.hidden_size, max_capacity=128,
-        dtype=dtype, device=device, transport=t) for t in FLAGS.transports}
+    dispatchers = {}
+    for key in FLAGS.dispatchers:
+        layout, transport = key.split("/")
+        kwargs = dict(hidden_size=torch_cfg.hidden_size, max_capacity=128, dtype=dtype,
+                      device=device, transport=transport)
+        if FLAGS.fault and rank == 0 and FAULTS[FLAGS.fault] == layout:
+            dispatchers[key] = faulty_dispatcher_type(FLAGS.fault)(
+                torch_cfg.num_experts, **kwargs,
+                **({"top_k": torch_cfg.top_k} if layout == "packed" else {}))
+        else:
+            dispatchers[key] = make_dispatcher(torch_cfg.num_experts, layout=layout,
+                                               top_k=torch_cfg.top_k, **kwargs)
     report["rows"] += check_layer(dispatchers, torch_cfg, weights, device=device, dtype=dtype,
                                   rank=rank, world_size=world_size)
     for transport, dispatcher in dispatchers.items():
@@ -400,7 +431,7 @@ def worker_main(argv) -> int:
         for row in check_model(model, ref_cfg, weights, dtype_name=FLAGS.dtype, rank=rank,
                                world_size=world_size, only=FLAGS.scenarios):
             report["rows"].append(row | {"transport": transport})
-        if FLAGS.graphs:
+        if FLAGS.graphs and not transport.endswith("/exact"):  # exact refuses capture
             for row in check_graphs(model, ref_cfg, weights, dtype_name=FLAGS.dtype,
                                     rank=rank, world_size=world_size):
                 report["rows"].append(row | {"transport": transport})

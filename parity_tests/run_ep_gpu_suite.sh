@@ -37,7 +37,7 @@ import json, sys
 from parity_tests.ep_parity import launch
 import os
 reps = launch(int(os.environ.get("NPROC", "2")), sys.argv[1],
-              ["--device=cuda", "--transports=all_to_all,copy_engine", "--graphs"], timeout_s=180)
+              ["--device=cuda", "--dispatchers=packed/all_to_all,packed/exact,capacity/all_to_all,capacity/copy_engine", "--graphs"], timeout_s=180)
 bad = [(r["rank"], row) for r in reps for row in r["rows"]
        if row.get("error", 0) > 1e-5 or not row.get("expert_load_equal", True)
        or row.get("bitwise_equal") is False]

@@ -53,7 +53,9 @@ def test_expert_parallel_rows_group_every_rank_and_count_failures(monkeypatch):
     assert any("rank 1 extend" in line and "False" in line for line in model["failures"])
     assert rows["layer all_to_all"]["mismatches"] == 0
     list(cli.check_expert_parallel(2, "cuda"))
-    assert "--graphs" in seen["args"] and "--transports=all_to_all,copy_engine" in seen["args"]
+    assert "--graphs" in seen["args"] and ("--dispatchers=packed/all_to_all,packed/exact,"
+                                           "capacity/all_to_all,capacity/copy_engine"
+                                           in seen["args"])
 
 
 def test_a_launch_failure_is_a_failing_row(monkeypatch):

@@ -15,7 +15,8 @@ import pytest
 from parity_tests import ep_parity
 from parity_tests.model_parity import BOUNDS
 
-LAUNCH_TIMEOUT_S = 240  # a 4-rank run takes about 20 s on a 2-core machine
+LAUNCH_TIMEOUT_S = 240  # a 4-rank run takes about 40 s on a 2-core machine
+DISPATCHERS = sorted(ep_parity.DEFAULT_DISPATCHERS)  # layout/transport pairs a CPU run checks
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
@@ -43,6 +44,7 @@ def test_sharded_layer_equals_one_device(reports):
     rows = _rows(reps, "layer")
     assert {row["name"] for _, row in rows} == {"uniform", "uneven", "empty-expert", "padding",
                                                "idle-rank"}
+    assert {row["transport"] for _, row in rows} == set(ep_parity.DEFAULT_DISPATCHERS)
     for rank, row in rows:
         assert row["error"] <= BOUNDS["float32"], (rank, row)
     # the scenarios are what they say: nothing goes to expert 1, one rank sends no token
@@ -59,6 +61,8 @@ def test_model_on_every_rank_equals_spec(reports):
     rows = _rows(reps, "model")
     names = {row["name"] for _, row in rows}
     assert names == set(ep_parity.model_scenarios(n))
+    # both layouts, and the packed layout over both of its transports
+    assert {row["transport"] for _, row in rows} == set(ep_parity.DEFAULT_DISPATCHERS)
     assert {row["tbo"] for _, row in rows} == {False, True}
     assert {row["mode"] for _, row in rows} == {"DECODE", "TARGET_VERIFY", "EXTEND", "IDLE"}
     for rank, row in rows:
@@ -78,8 +82,8 @@ def test_every_rank_idle_at_once_completes_with_the_smallest_decode_step(reports
     rank among busy ones, is the ``idle-rank`` scenario above."""
     n, reps = reports
     rows = [(rank, row) for rank, row in _rows(reps, "model") if row["name"] == "all-idle"]
-    assert sorted((rank, row["tbo"]) for rank, row in rows) == \
-        [(r, tbo) for r in range(n) for tbo in (False, True)]
+    assert sorted((rank, row["tbo"], row["transport"]) for rank, row in rows) == \
+        [(r, tbo, d) for r in range(n) for tbo in (False, True) for d in DISPATCHERS]
     for rank, row in rows:
         assert (row["mode"], row["tokens"]) == ("IDLE", 0), (rank, row)
         assert (row["capacity"], row["micro_batches"], row["strategy"]) == \
@@ -97,8 +101,8 @@ def test_every_rank_with_an_empty_micro_batch_at_once_equals_spec(reports):
     n, reps = reports
     rows = [(rank, row) for rank, row in _rows(reps, "model")
             if row["name"] == "all-child-a-empty"]
-    assert sorted((rank, row["tbo"]) for rank, row in rows) == \
-        [(r, tbo) for r in range(n) for tbo in (False, True)]
+    assert sorted((rank, row["tbo"], row["transport"]) for rank, row in rows) == \
+        [(r, tbo, d) for r in range(n) for tbo in (False, True) for d in DISPATCHERS]
     for rank, row in rows:
         assert row["tokens"] == (3 if rank % 2 else 1), (rank, row)
         assert row["child_tokens"] == ([0, row["tokens"]] if row["tbo"] else None), (rank, row)
@@ -108,10 +112,39 @@ def test_every_rank_with_an_empty_micro_batch_at_once_equals_spec(reports):
         assert row["error"] <= BOUNDS["float32"], (rank, row)
 
 
+def test_the_transports_of_a_layout_agree_bit_for_bit(reports):
+    """Within a layout every transport delivers the same bytes to the same rows, so the layer
+    outputs are equal bit for bit: packed over the fixed-region all-to-all and over the exact
+    one (only real rows moved, counts read on the host)."""
+    _, reps = reports
+    rows = _rows(reps, "layer-transports")
+    assert {row["layout"] for _, row in rows} == {"packed", "capacity"}
+    assert all(row["transports"] == 2 for _, row in rows if row["layout"] == "packed")
+    assert all(row["bitwise_equal"] for _, row in rows), rows
+
+
+def test_a_count_one_row_short_is_caught(tmp_path):
+    """Negative test for the packed layout: rank 0 reports one row fewer for its first
+    non-empty (destination, local expert), so that expert's last row is never computed and
+    the rows after it are filed under the wrong expert. Both transports, layer and model."""
+    reps = ep_parity.launch(2, str(tmp_path), ["--fault=counts_short",
+                                               "--dispatchers=packed/all_to_all,packed/exact",
+                                               "--scenarios=decode"],
+                            timeout_s=LAUNCH_TIMEOUT_S)
+    for transport in ("packed/all_to_all", "packed/exact"):
+        layer = [row for _, row in _rows(reps, "layer")
+                 if row["tokens"] and row["transport"] == transport]
+        model = [row for _, row in _rows(reps, "model")
+                 if row["mode"] != "IDLE" and row["transport"] == transport]
+        assert any(row["error"] > BOUNDS["float32"] for row in layer), transport
+        assert any(row["error"] > BOUNDS["float32"] for row in model), transport
+
+
 def test_a_misrouted_exchange_is_caught(tmp_path):
     """Negative test: rank 0 sends each destination the block meant for the next rank. The
     layer and model checks must both see it."""
     reps = ep_parity.launch(2, str(tmp_path), ["--fault=rotate_destinations",
+                                               "--dispatchers=capacity/all_to_all",
                                                "--scenarios=decode,extend"],
                             timeout_s=LAUNCH_TIMEOUT_S)
     layer = [row for _, row in _rows(reps, "layer") if row["tokens"]]
@@ -131,6 +164,10 @@ def test_launch_rejects_bad_nproc(tmp_path):
             ep_parity.launch(bad, str(tmp_path), timeout_s=1)
 
 
+GPU_DISPATCHERS = ("packed/all_to_all", "packed/exact", "capacity/all_to_all",
+                   "capacity/copy_engine")
+
+
 def _two_gpus() -> bool:
     import torch
 
@@ -140,15 +177,17 @@ def _two_gpus() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _two_gpus(), reason="needs two CUDA devices")
 def test_two_gpus_both_transports_eager_and_graphs(tmp_path):
-    """On 2 GPUs (NCCL): the same checks with both transports, plus CUDA-graph replay (plain
-    and TBO, DECODE and TARGET_VERIFY, every rank replaying the largest rank's graph); the
-    transports' layer outputs bit for bit equal."""
+    """On 2 GPUs (NCCL): the same checks with every transport of both layouts, plus CUDA-graph
+    replay (plain and TBO, DECODE and TARGET_VERIFY, every rank replaying the largest rank's
+    graph) for every capturable one; the transports' layer outputs bit for bit equal within a
+    layout."""
     reps = ep_parity.launch(2, str(tmp_path), ["--device=cuda",
-                                               "--transports=all_to_all,copy_engine",
+                                               f"--dispatchers={','.join(GPU_DISPATCHERS)}",
                                                "--graphs"], timeout_s=LAUNCH_TIMEOUT_S)
     for check in ("layer", "model", "graph"):
         rows = _rows(reps, check)
-        assert {row["transport"] for _, row in rows} == {"all_to_all", "copy_engine"}
+        want = {d for d in GPU_DISPATCHERS if check != "graph" or not d.endswith("/exact")}
+        assert {row["transport"] for _, row in rows} == want
         for rank, row in rows:
             assert row["error"] <= BOUNDS["float32"], (rank, row)
             assert row.get("expert_load_equal", True), (rank, row)

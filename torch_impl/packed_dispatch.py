@@ -246,16 +246,21 @@ class PackedExact:
         return self._exchange(received, send, rows["recv"], rows["send"])
 
     def _exchange(self, output, source, out_rows, in_rows):
-        asynchronous = source.device.type != "cuda"
-        work = dist.all_to_all([output[s, :m] for s, m in enumerate(out_rows)],
-                               [source[r, :n] for r, n in enumerate(in_rows)],
-                               group=self.group, async_op=asynchronous)
-        return [work] if asynchronous else []
+        """Each peer's real rows, ``source[r, :in_rows[r]]``, to ``output[s, :out_rows[s]]``:
+        one ``all_to_all_single`` with split sizes over the real rows laid end to end (gloo's
+        list ``all_to_all`` needs equal sizes), a copy of the real rows on each side."""
+        staged = torch.cat([source[r, :n] for r, n in enumerate(in_rows)])
+        landed = staged.new_empty(sum(out_rows), staged.shape[1])
+        dist.all_to_all_single(landed, staged, output_split_sizes=out_rows,
+                               input_split_sizes=in_rows, group=self.group)
+        for s, piece in enumerate(landed.split(out_rows)):
+            output[s, :out_rows[s]].copy_(piece)
+        return []
 
     def start_combine(self, ret, back, splits):
         return self._exchange(back, ret, splits["send"], splits["recv"])
 
-    finish = PackedAllToAll.finish
+    finish = staticmethod(PackedAllToAll.finish)
 
 
 PACKED_TRANSPORTS = {"all_to_all": PackedAllToAll, "exact": PackedExact}
