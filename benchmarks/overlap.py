@@ -5,11 +5,14 @@ over two links.
         [--links=nvlink,network] [--context=2048] [--long_context=8192]
         [--long_context_tokens=256] [--tokens=32,64,128,256,512,1024] [--attention=sdpa]
         [--prefill_tokens=1024,4096,16384] [--prefill_seq_len=1024] [--layers=4]
-        [--transports=all_to_all,copy_engine] [--knobs] [--emulated_link_us=100,250]
+        [--layouts=packed,capacity] [--experts_per_rank=8] [--routing=top_k]
+        [--transports=all_to_all,copy_engine,exact] [--knobs] [--emulated_link_us=100,250]
         [--timeline_tokens=256] [--timeline_link=network]
 
 The model is a slice of a DeepSeek-V3 MoE decoder, in bfloat16: hidden 7168, top-8 routing over
-``8 * N`` experts (8 per rank), expert intermediate size 2048, one shared expert, attention of
+``--experts_per_rank * N`` experts (8 per rank by default; 128 is DeepSeek-V3's 256 on 2
+ranks; ``--routing=group_limited`` is its group-limited routing), expert intermediate size
+2048, one shared expert, attention of
 8 heads of 128 (``--attention=sdpa``: ``SdpaAttnBackend``, which holds real contexts) and
 ``--layers`` layers. Every rank decodes its own batch of ``T`` sequences of ``--context``
 cached tokens each (data-parallel attention, expert-parallel MoE), captured in CUDA graphs by
@@ -37,6 +40,14 @@ stream; ranks start each block together after a barrier):
   of the shorter of the two the overlapped step hides (1 = all of it);
 - ``limit_ratio`` = ``tbo_ms / max(compute_ms, comm_ms)`` (1.00 is the physical limit);
 - ``speedup`` = ``plain_ms / tbo_ms``.
+
+Every measurement runs for each of ``--layouts`` in the same launch, side by side: ``packed``
+(the default: the experts compute only the real (token, expert) pairs) and ``capacity`` (the
+old baseline: every local expert computes all ``N*C`` rows of its block); a table gives the
+packed layout's times over the capacity layout's. The routed experts of one layer are also
+timed alone (``expert_rows``): real pairs, rows computed, bytes per exchange, TFLOPS on the
+real rows and on the rows computed, and the expert weights' read bandwidth against the card's
+copy bandwidth (``copy_bandwidth``).
 
 Also: prefill steps (EXTEND, ``--prefill_tokens`` per rank in fresh sequences of
 ``--prefill_seq_len`` tokens, eager: graphs are for decode), plain vs TBO, with the silent
@@ -67,6 +78,7 @@ import sys
 import time
 
 HIDDEN, INTERMEDIATE, TOP_K, EXPERTS_PER_RANK = 7168, 2048, 8, 8
+GROUPS, TOPK_GROUP, ROUTED_SCALE = 8, 4, 2.5  # DeepSeek-V3's group-limited routing
 HEADS, HEAD_DIM, VOCAB = 8, 128, 1024
 # The links a benchmark run can measure, and the environment each one's ranks start with.
 # "network": NCCL with peer-to-peer access off, so every byte crosses host memory through
@@ -74,7 +86,20 @@ HEADS, HEAD_DIM, VOCAB = 8, 128, 1024
 # beside NVLink in the same run). Symmetric memory needs peer access, so only all_to_all
 # runs there.
 LINKS = {"nvlink": {}, "network": {"NCCL_P2P_DISABLE": "1"}}
-LINK_TRANSPORTS = {"nvlink": ("all_to_all", "copy_engine"), "network": ("all_to_all",)}
+LINK_TRANSPORTS = {"nvlink": ("all_to_all", "copy_engine", "exact"),
+                   "network": ("all_to_all", "exact")}
+# The transports of each layout, for decode (CUDA graphs) and prefill (eager). The packed
+# layout's "exact" moves only real rows but reads the counts on the host: eager only.
+LAYOUT_TRANSPORTS = {("packed", "decode"): ("all_to_all",),
+                     ("packed", "prefill"): ("all_to_all", "exact"),
+                     ("capacity", "decode"): ("all_to_all", "copy_engine"),
+                     ("capacity", "prefill"): ("all_to_all", "copy_engine")}
+
+
+def transports_of(F, layout: str, kind: str) -> list:
+    """The transports measured for ``layout`` in ``kind`` (decode or prefill) on this link."""
+    return [t for t in F.transports
+            if t in LAYOUT_TRANSPORTS[(layout, kind)] and t in LINK_TRANSPORTS[F.link]]
 
 
 def _flags():
@@ -111,8 +136,16 @@ def _flags():
                       "added to every exchange on the communication stream (empty: skip)",
                       flag_values=F)
     flags.DEFINE_integer("layers", 4, "decoder layers", lower_bound=1, flag_values=F)
-    flags.DEFINE_list("transports", ["all_to_all", "copy_engine"], "transports to measure",
+    flags.DEFINE_list("layouts", ["packed", "capacity"], "expert-parallel layouts to measure "
+                      "side by side: packed (the default) and capacity (the old baseline)",
                       flag_values=F)
+    flags.DEFINE_integer("experts_per_rank", EXPERTS_PER_RANK, "routed experts per rank (8; "
+                         "32; 128: DeepSeek-V3's 256 on 2 ranks)", lower_bound=1, flag_values=F)
+    flags.DEFINE_enum("routing", "top_k", ["top_k", "group_limited"], "top_k over all experts, "
+                      f"or DeepSeek-V3's group-limited routing ({GROUPS} groups, the best "
+                      f"{TOPK_GROUP} kept, sigmoid scores)", flag_values=F)
+    flags.DEFINE_list("transports", ["all_to_all", "copy_engine", "exact"], "transports to "
+                      "measure where the layout has them (LAYOUT_TRANSPORTS)", flag_values=F)
     flags.DEFINE_bool("knobs", False, "sweep NCCL max_ctas and the cuBLAS SM carve-out",
                       flag_values=F)
     flags.DEFINE_integer("timeline_tokens", 256, "tokens per rank of the timeline step (0: "
@@ -135,17 +168,23 @@ def _flags():
 # --- the model ---------------------------------------------------------------------------------
 
 
-def model_config(world_size: int, layers: int, tiny: bool):
+def model_config(world_size: int, layers: int, tiny: bool, *,
+                 experts_per_rank: int = EXPERTS_PER_RANK, routing: str = "top_k"):
+    """The benchmark's model: ``experts_per_rank * world_size`` routed experts, top-8 (top-4
+    over 4 per rank with ``tiny``); ``routing="group_limited"``: DeepSeek-V3's routing."""
     from torch_impl.config import ModelConfig
 
+    grouped = {} if routing == "top_k" else dict(
+        routing=routing, scoring="sigmoid", n_group=GROUPS, topk_group=TOPK_GROUP,
+        routed_scaling_factor=ROUTED_SCALE)
     if tiny:
         return ModelConfig(num_layers=layers, hidden_size=32, num_heads=2, head_dim=8,
                            num_experts=4 * world_size, top_k=4, num_shared_experts=1,
-                           intermediate_size=16, vocab_size=64)
+                           intermediate_size=16, vocab_size=64, **grouped)
     return ModelConfig(num_layers=layers, hidden_size=HIDDEN, num_heads=HEADS,
-                       head_dim=HEAD_DIM, num_experts=EXPERTS_PER_RANK * world_size,
+                       head_dim=HEAD_DIM, num_experts=experts_per_rank * world_size,
                        top_k=TOP_K, num_shared_experts=1, intermediate_size=INTERMEDIATE,
-                       vocab_size=VOCAB)
+                       vocab_size=VOCAB, **grouped)
 
 
 def build_model(cfg, dispatcher, *, device, dtype, seed: int = 0):
@@ -154,7 +193,7 @@ def build_model(cfg, dispatcher, *, device, dtype, seed: int = 0):
     the constructor is given stride-0 placeholders of the full shape."""
     import torch
 
-    from torch_impl.config import weight_shapes
+    from torch_impl.config import CORRECTION_BIAS, weight_shapes
     from torch_impl.model import MoEModel
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -170,6 +209,8 @@ def build_model(cfg, dispatcher, *, device, dtype, seed: int = 0):
                                         device=device).expand(shape)
         elif name.endswith("norm"):
             weights[name] = torch.ones(shape, dtype=dtype, device=device)
+        elif name.endswith(CORRECTION_BIAS):  # small, as a trained model's: it only nudges
+            weights[name] = draw(shape, 100)
         else:
             weights[name] = draw(shape, shape[-2] if len(shape) > 1 else 1)
     model = MoEModel(cfg, weights, dtype=dtype, device=device, dispatcher=dispatcher)
@@ -270,15 +311,39 @@ def sleep_cycles_per_us(device) -> float:
     return cycles / (start.elapsed_time(end) * 1e3)
 
 
-def make_dispatcher(cfg, transport: str, *, max_capacity, device, dtype, group=None,
-                    comm_stream=None):
-    """A dispatcher for ``transport``: a name, or "none" for ``SilentTransport``."""
-    from torch_impl import expert_parallel as ep
+class SilentPacked:
+    """The packed layout's transport that moves nothing: the counts this rank sends to rank
+    ``s`` stand in for those ``s`` would send it (the same load when routing is balanced), and
+    the rows stay where they are. A step with it costs exactly its compute."""
 
-    return ep.ExpertParallelDispatcher(
-        cfg.num_experts, hidden_size=cfg.hidden_size, max_capacity=max_capacity, dtype=dtype,
-        device=device, group=group, comm_stream=comm_stream,
-        transport=SilentTransport(group) if transport == "none" else transport)
+    name = "none"
+
+    def __init__(self, group=None):
+        del group
+
+    def start_dispatch(self, send, counts, received, recv_counts, rows):
+        recv_counts.copy_(counts)
+        return []
+
+    def start_combine(self, ret, back, splits):
+        return []
+
+    @staticmethod
+    def finish(works) -> None:
+        del works
+
+
+def make_dispatcher(cfg, transport: str, *, layout: str, max_capacity, device, dtype,
+                    group=None, comm_stream=None):
+    """A dispatcher of ``layout`` for ``transport``: a name, or "none" for the layout's
+    transport that moves nothing."""
+    from torch_impl.packed_dispatch import make_dispatcher as make
+
+    silent = {"packed": SilentPacked, "capacity": SilentTransport}[layout]
+    return make(cfg.num_experts, layout=layout, top_k=cfg.top_k, hidden_size=cfg.hidden_size,
+                max_capacity=max_capacity, dtype=dtype, device=device, group=group,
+                comm_stream=comm_stream,
+                transport=silent(group) if transport == "none" else transport)
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -478,14 +543,17 @@ class DecodeSweep:
         self.F, self.cfg, self.model = F, cfg, model
         self.device, self.dtype, self.comm_stream = device, dtype, comm_stream
         self.max_tokens = max_tokens
-        self.logits = {}  # (context, transport, T, knob) -> the TBO step's logits
+        self.layout = F.layouts[0]  # the layout being measured (``sweep`` sets it)
+        self.logits = {}  # (context, layout, transport, T, knob) -> the TBO step's logits
+        self.knobs, self.emulated = [], []
 
     def _timed(self, fn) -> float:
         return timed(fn, iters=self.F.iters, repeats=self.F.repeats, device=self.device)
 
     def _use(self, transport: str, group=None) -> None:
         use_dispatcher(self.model, make_dispatcher(
-            self.cfg, transport, max_capacity=self.max_tokens, device=self.device,
+            self.cfg, transport, layout=self.layout, max_capacity=self.max_tokens,
+            device=self.device,
             dtype=self.dtype, group=group, comm_stream=self.comm_stream))
 
     def _runners(self, srv, context: int, sizes) -> dict:
@@ -502,7 +570,10 @@ class DecodeSweep:
         key, _ = runner.prepare_replay(batch)
         return runner._graphs[key]
 
-    def sweep(self, context: int, tokens: list, transports) -> list:
+    def sweep(self, context: int, tokens: list, layout: str) -> list:
+        """Rows for every ``T`` of ``tokens`` and every transport of ``layout``."""
+        self.layout = layout
+        transports = transports_of(self.F, layout, "decode")
         srv = serving(self.cfg, max(tokens), context, device=self.device, dtype=self.dtype)
         initial = srv.pool.clone()
         self._use("none")
@@ -535,8 +606,9 @@ class DecodeSweep:
             srv.pool.k.copy_(initial.k)
             srv.pool.v.copy_(initial.v)
             runs.append(tbo_fn().logits.float().cpu())
-        self.logits[(context, name, t, knob)] = runs[0]
-        return {"link": self.F.link, "context": context, "transport": name, "tokens": t,
+        self.logits[(context, self.layout, name, t, knob)] = runs[0]
+        return {"link": self.F.link, "context": context, "layout": self.layout,
+                "transport": name, "tokens": t,
                 "repeatable": bool((runs[0] == runs[1]).all()),
                 "compute_ms": compute_ms, "compute_plain_ms": compute_plain_ms,
                 "comm_ms": comm_ms, "plain_ms": plain_ms, "tbo_ms": tbo_ms,
@@ -544,12 +616,12 @@ class DecodeSweep:
                 "limit_ratio": tbo_ms / longer, "speedup": plain_ms / tbo_ms}
 
     def digests(self) -> dict:
-        """Per ``context/T/transport``: a SHA-256 of the TBO step's logits (bytes), so that
-        runs in other processes (the other link) can be compared bit for bit."""
+        """Per ``context/T/layout/transport``: a SHA-256 of the TBO step's logits (bytes), so
+        that runs in other processes (the other link) can be compared bit for bit."""
         import hashlib
 
-        return {f"{c}/{t}/{name}": hashlib.sha256(v.numpy().tobytes()).hexdigest()
-                for (c, name, t, knob), v in self.logits.items() if knob is None}
+        return {f"{c}/{t}/{layout}/{name}": hashlib.sha256(v.numpy().tobytes()).hexdigest()
+                for (c, layout, name, t, knob), v in self.logits.items() if knob is None}
 
     def extras(self, srv, initial, silent, context, tokens, transports) -> None:
         """The labelled extras at the main context: NCCL's SM trade (``--knobs``) and the
@@ -558,12 +630,11 @@ class DecodeSweep:
         import torch
         import torch.distributed as dist
 
-        self.knobs, self.emulated = [], []
         F, device = self.F, self.device
         if device.type != "cuda" or context != F.context:
             return
         big = [t for t in (256, 1024) if t in tokens] or [max(tokens)]
-        if F.knobs and "all_to_all" in transports:
+        if F.knobs and "all_to_all" in transports and self.layout == F.layouts[0]:
             for max_ctas in (None, 4, 8, 16):
                 opts = dist.ProcessGroupNCCL.Options()
                 if max_ctas is not None:
@@ -578,8 +649,9 @@ class DecodeSweep:
                         knob = (max_ctas, carveout)
                         row = self.row("all_to_all", runners, srv, initial, silent[t], t,
                                        context, knob)
-                        same = torch.equal(self.logits[(context, "all_to_all", t, knob)],
-                                           self.logits[(context, "all_to_all", t, None)])
+                        same = torch.equal(
+                            self.logits[(context, self.layout, "all_to_all", t, knob)],
+                            self.logits[(context, self.layout, "all_to_all", t, None)])
                         self.knobs.append(row | {"max_ctas": max_ctas, "sm_carveout": carveout,
                                                  "logits_equal_default": bool(same)})
                     del runners
@@ -605,36 +677,30 @@ def worker(F) -> dict:
 
     rank, world, device = init_rank(F.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = model_config(world, F.layers, F.tiny)
+    cfg = model_config(world, F.layers, F.tiny, experts_per_rank=F.experts_per_rank,
+                       routing=F.routing)
     tokens = sorted(int(t) for t in F.tokens)
     long_tokens = sorted(int(t) for t in F.long_context_tokens) if F.long_context else []
     max_t = max(tokens + long_tokens + [F.timeline_tokens])
-    transports = [t for t in F.transports if t in LINK_TRANSPORTS[F.link]]
     result = {"rank": rank, "world_size": world, "link": F.link, "attention": F.attention,
-              "transports": transports, "decode": [], "knobs": [], "prefill": [],
-              "emulated": [], "bitwise": {}}
+              "layouts": list(F.layouts), "decode": [], "knobs": [], "prefill": [],
+              "emulated": [], "experts": [], "bitwise": {}, "comm_priority": F.comm_priority,
+              "routing": routing_facts(cfg, world)}
     comm_stream = None
     if device.type == "cuda":
         # lower is more urgent; a value past the device's range maps to its highest priority
         comm_stream = torch.cuda.Stream(device, priority=-100 if F.comm_priority == "high"
                                         else 0)
-    result["comm_priority"] = F.comm_priority
-    model = build_model(cfg, make_dispatcher(cfg, "none", max_capacity=max_t, device=device,
-                                             dtype=dtype, comm_stream=comm_stream),
+    model = build_model(cfg, make_dispatcher(cfg, "none", layout=F.layouts[0],
+                                             max_capacity=max_t, device=device, dtype=dtype,
+                                             comm_stream=comm_stream),
                         device=device, dtype=dtype, seed=1 + rank)
     if device.type == "cuda":
         result["link_bandwidth"] = link_bandwidth(device)
+        result["copy_bandwidth"] = copy_bandwidth(device)
     if not F.timeline_only:
-        sweep = DecodeSweep(F, cfg, model, device=device, dtype=dtype,
-                            comm_stream=comm_stream, max_tokens=max_t)
-        result["decode"] = sweep.sweep(F.context, tokens, transports)
-        result["knobs"], result["emulated"] = sweep.knobs, sweep.emulated
-        if long_tokens:
-            result["decode"] += sweep.sweep(F.long_context, long_tokens, transports)
-        result["digests"] = sweep.digests()
-        if F.prefill_tokens:
-            result["prefill"] = prefill_rows(F, cfg, model, [int(x) for x in F.prefill_tokens],
-                                             device, dtype, comm_stream, transports)
+        result |= measure(F, cfg, model, tokens, long_tokens, max_t, device=device,
+                          dtype=dtype, comm_stream=comm_stream)
     if F.timeline_tokens and (F.timeline_only or F.link == F.timeline_link):
         result["timeline"] = record_timeline(F, cfg, model, device, dtype, comm_stream)
         if device.type == "cuda" and not F.timeline_only:
@@ -643,10 +709,121 @@ def worker(F) -> dict:
     return result
 
 
-def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream, transports) -> list:
+def measure(F, cfg, model, tokens, long_tokens, max_t, *, device, dtype, comm_stream) -> dict:
+    """Every layout's decode sweep (and the long context's), the routed experts alone, and
+    the prefill steps: the worker's measured rows."""
+    out = {"decode": [], "experts": [], "prefill": []}
+    sweep = DecodeSweep(F, cfg, model, device=device, dtype=dtype, comm_stream=comm_stream,
+                        max_tokens=max_t)
+    for layout in F.layouts:
+        out["decode"] += sweep.sweep(F.context, tokens, layout)
+        if long_tokens:
+            out["decode"] += sweep.sweep(F.long_context, long_tokens, layout)
+        out["experts"] += expert_rows(F, cfg, model, tokens, layout, device=device,
+                                      dtype=dtype, comm_stream=comm_stream)
+        if F.prefill_tokens:
+            out["prefill"] += prefill_rows(F, cfg, model, [int(x) for x in F.prefill_tokens],
+                                           layout, device, dtype, comm_stream)
+    out["knobs"], out["emulated"], out["digests"] = sweep.knobs, sweep.emulated, sweep.digests()
+    return out
+
+
+def routing_facts(cfg, world: int) -> dict:
+    """The routing measured, and the most ranks one token's experts can lie on (group-limited
+    routing bounds it below ``min(K, N)``, and so bounds a token's traffic)."""
+    from torch_impl.moe import max_ranks_reached
+
+    reach = min(cfg.top_k, world)
+    if cfg.routing == "group_limited":
+        reach = max_ranks_reached(cfg.num_experts, world, cfg.n_group, cfg.topk_group,
+                                  cfg.top_k)
+    return {"routing": cfg.routing, "num_experts": cfg.num_experts, "top_k": cfg.top_k,
+            "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+            "max_ranks_per_token": reach}
+
+
+def copy_bandwidth(device, *, megabytes: int = 1024, iters: int = 10) -> dict:
+    """The card's device-to-device copy bandwidth, bytes read plus bytes written per second:
+    what a kernel streaming its weights can at best approach."""
+    import torch
+
+    x = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        y.copy_(x)
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / iters
+    return {"megabytes": megabytes, "ms": ms, "gb_per_s": 2 * x.numel() / (ms * 1e-3) / 1e9}
+
+
+def exchange_bytes(layout: str, transport: str, *, world: int, local: int, capacity: int,
+                   top_k: int, hidden: int, itemsize: int, real_sent: int) -> int:
+    """Bytes one rank's send of one exchange moves (its own region included): the capacity
+    layout's whole ``[N, L, C, H]`` block; the packed layout's ``[N, S, H]`` regions plus the
+    ``[N, L]`` int32 counts; the exact transport's real rows plus the counts."""
+    if layout == "capacity":
+        return world * local * capacity * hidden * itemsize
+    counts = world * local * 4
+    if transport == "exact":
+        return real_sent * hidden * itemsize + counts
+    return world * capacity * min(top_k, local) * hidden * itemsize + counts
+
+
+def expert_rows(F, cfg, model, tokens, layout, *, device, dtype, comm_stream) -> list:
+    """The routed experts of one layer alone, per ``T``: one micro-batch of ``T`` tokens per
+    rank routed uniformly at random (``K`` distinct experts each), dispatched for real, then
+    ``dispatcher.experts`` captured and timed by itself. Per row: the real pairs this rank's
+    experts receive, the rows they compute, the bytes of one exchange, TFLOPS counted on the
+    real rows and on the rows computed, and the expert weights' read bandwidth."""
+    import torch
+    import torch.distributed as dist
+
+    from torch_impl.packed_dispatch import grouped_gemm_available
+
+    rows = []
+    layer = model.layers[0]
+    weights = (layer.experts_gate, layer.experts_up, layer.experts_down)
+    d = make_dispatcher(cfg, "all_to_all", layout=layout, max_capacity=max(tokens),
+                        device=device, dtype=dtype, comm_stream=comm_stream)
+    n, local, h, i = d.world_size, d.local_experts, cfg.hidden_size, cfg.intermediate_size
+    for t in tokens:
+        gen = torch.Generator(device=device).manual_seed(1000 + t + d.rank)
+        hidden = torch.randn(t, h, generator=gen, device=device).to(dtype)
+        ids = torch.rand(t, cfg.num_experts, generator=gen, device=device).topk(
+            cfg.top_k, dim=-1).indices
+        gates = torch.full((t, cfg.top_k), 1.0 / cfg.top_k, device=device)
+        handle = d.dispatch_wait(d.dispatch_launch(hidden, gates, ids, micro_batch=0,
+                                                   capacity=t))
+        ms = timed(graph_of(lambda: d.experts(handle, *weights), device), iters=F.iters,
+                   repeats=F.repeats, device=device)
+        per_rank = torch.bincount((ids // local).view(-1), minlength=n)
+        dist.all_reduce(per_rank)
+        real = int(per_rank[d.rank])
+        grouped = layout == "packed" and grouped_gemm_available(handle.recv, *weights)
+        computed = real if grouped else local * n * t
+        flops = 2 * 3 * h * i
+        rows.append({
+            "link": F.link, "layout": layout, "tokens": t, "real_pairs": real,
+            "rows_computed": computed, "grouped_gemm": grouped, "expert_ms": ms,
+            "bytes_per_exchange": {name: exchange_bytes(
+                layout, name, world=n, local=local, capacity=t, top_k=cfg.top_k, hidden=h,
+                itemsize=hidden.element_size(), real_sent=t * cfg.top_k)
+                for name in LAYOUT_TRANSPORTS[(layout, "prefill")]},
+            "real_tflops": flops * real / (ms * 1e-3) / 1e12,
+            "computed_tflops": flops * computed / (ms * 1e-3) / 1e12,
+            "weight_gb_per_s": 3 * local * h * i * hidden.element_size() / (ms * 1e-3) / 1e9})
+    return rows
+
+
+def prefill_rows(F, cfg, model, totals, layout, device, dtype, comm_stream) -> list:
     """One eager EXTEND step per size in ``totals`` (tokens per rank, in fresh sequences of
     ``--prefill_seq_len``), plain and TBO, for the silent transport (compute only) and each
-    measured transport."""
+    transport of ``layout``."""
     from torch_impl.attention import TboAttnBackend
     from torch_impl.batch_splitter import TboForwardBatchPreparer
     from torch_impl.expert_parallel import agree_ep_step
@@ -657,8 +834,8 @@ def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream, transports) 
         length = min(total, F.prefill_seq_len)
         seqs = max(1, total // length)
         srv = serving(cfg, seqs, length, device=device, dtype=dtype)
-        for name in ["none"] + list(transports):
-            use_dispatcher(model, make_dispatcher(cfg, name, max_capacity=total,
+        for name in ["none"] + transports_of(F, layout, "prefill"):
+            use_dispatcher(model, make_dispatcher(cfg, name, layout=layout, max_capacity=total,
                                                   device=device, dtype=dtype,
                                                   comm_stream=comm_stream))
             times = {}
@@ -674,9 +851,9 @@ def prefill_rows(F, cfg, model, totals, device, dtype, comm_stream, transports) 
                     return model(batch, backend, ep_step=step)
 
                 times[tbo] = timed(fn, iters=1, repeats=max(3, F.repeats), device=device)
-            rows.append({"link": F.link, "transport": name, "tokens": total,
-                         "seq_len": length, "plain_ms": times[False], "tbo_ms": times[True],
-                         "speedup": times[False] / times[True]})
+            rows.append({"link": F.link, "layout": layout, "transport": name,
+                         "tokens": total, "seq_len": length, "plain_ms": times[False],
+                         "tbo_ms": times[True], "speedup": times[False] / times[True]})
         del srv
     return rows
 
@@ -726,8 +903,8 @@ def _timeline_step(F, cfg, model, device, dtype, comm_stream, operations):
     t = F.timeline_tokens
     context = F.context
     srv = serving(cfg, t, context, device=device, dtype=dtype)
-    d = make_dispatcher(cfg, F.timeline_transport, max_capacity=t, device=device, dtype=dtype,
-                        comm_stream=comm_stream)
+    d = make_dispatcher(cfg, F.timeline_transport, layout=F.layouts[0], max_capacity=t,
+                        device=device, dtype=dtype, comm_stream=comm_stream)
     use_dispatcher(model, d)
     batch = TboForwardBatchPreparer().prepare(decode_batch(cfg, srv, t, device=device))
     ep_step = agree_ep_step(batch, micro_batches=2)
@@ -898,13 +1075,16 @@ def graph_intervals(kernels, stages, exchanges, names) -> dict:
 # --- report ------------------------------------------------------------------------------------
 
 
+def _series(r: dict) -> tuple:
+    return r["link"], r["context"], r["layout"], r["transport"]
+
+
 def crossover(rows: list) -> dict:
-    """Per ``link/context/transport``: the smallest measured T from which TBO is faster at
-    every larger measured T (None: it never is)."""
+    """Per ``link/context/layout/transport``: the smallest measured T from which TBO is
+    faster at every larger measured T (None: it never is)."""
     out = {}
-    for key in sorted({(r["link"], r["context"], r["transport"]) for r in rows}):
-        mine = sorted((r for r in rows if (r["link"], r["context"], r["transport"]) == key),
-                      key=lambda r: r["tokens"])
+    for key in sorted({_series(r) for r in rows}):
+        mine = sorted((r for r in rows if _series(r) == key), key=lambda r: r["tokens"])
         wins = [r["speedup"] > 1.0 for r in mine]
         first = next((mine[i]["tokens"] for i in range(len(mine)) if all(wins[i:])), None)
         out["/".join(map(str, key))] = first
@@ -912,8 +1092,8 @@ def crossover(rows: list) -> dict:
 
 
 def bitwise(digests: dict) -> dict:
-    """Per ``context/T``: whether the TBO logits are bit for bit the same for every transport
-    on every link measured (from each run's digests)."""
+    """Per ``context/T/layout``: whether the TBO logits are bit for bit the same for every
+    transport of the layout on every link measured (from each run's digests)."""
     seen = {}
     for per_link in digests.values():
         for key, digest in per_link.items():
@@ -933,8 +1113,8 @@ def targets(report: dict) -> list:
     prefill = report["prefill"]
 
     def speed(r):
-        return f"{r['link']} {r.get('context', '')} {r['transport']} T={r['tokens']}: " \
-               f"{r['speedup']:.2f}x"
+        return f"{r['link']} {r.get('context', '')} {r['layout']}/{r['transport']} " \
+               f"T={r['tokens']}: {r['speedup']:.2f}x"
 
     return [
         _target("network, decode graphs, T >= 256: TBO >= 1.25x plain", decode,
@@ -959,19 +1139,112 @@ def targets(report: dict) -> list:
         _target("logits bit for bit equal across transports and links", [
             {"key": k, "equal": v} for k, v in report["bitwise"].items()],
             lambda r: r["equal"], lambda r: f"{r['key']}: {r['equal']}"),
+    ] + layout_targets(report)
+
+
+# The packed layout's compute budget against the capacity layout's at 1024 tokens per rank
+# with 8 experts per rank, by rank count (the issue's targets; other counts are not judged).
+COMPUTE_RATIO_TARGET = {2: 0.75, 4: 0.5}
+
+
+def layout_ratios(decode: list) -> list:
+    """Per link, context and ``T`` measured in both layouts (transport ``all_to_all``): the
+    packed layout's times over the capacity layout's, for the compute-only steps (plain and
+    TBO) and the real steps."""
+    rows = {}
+    for r in decode:
+        if r["transport"] == "all_to_all":
+            rows[(r["link"], r["context"], r["tokens"], r["layout"])] = r
+    out = []
+    for (link, context, t, layout), packed in sorted(rows.items()):
+        old = rows.get((link, context, t, "capacity"))
+        if layout == "packed" and old:
+            out.append({"link": link, "context": context, "tokens": t} | {
+                key: packed[key] / old[key]
+                for key in ("compute_plain_ms", "compute_ms", "plain_ms", "tbo_ms")})
+    return out
+
+
+def layout_targets(report: dict) -> list:
+    """The packed layout's targets, each met, missed or not measured here."""
+    env, experts = report["env"], report["experts"]
+    ratios = layout_ratios(report["decode"])
+    bound = COMPUTE_RATIO_TARGET.get(env["world_size"]) if env["experts_per_rank"] == 8 \
+        else None
+    copy = (report.get("copy_bandwidth") or {}).get("gb_per_s")
+    bmm = {(r["link"], r["tokens"]): r["computed_tflops"] for r in experts
+           if r["layout"] == "capacity"}
+    grouped = [r for r in experts if r["layout"] == "packed" and r["tokens"] >= 1024
+               and (r["link"], r["tokens"]) in bmm]
+    streaming = [r for r in experts if r["layout"] == "packed" and 32 <= r["tokens"] <= 256
+                 and env["experts_per_rank"] >= 128 and copy]
+    return [
+        _target("packed: the routed experts compute the real rows only (grouped GEMM)",
+                [r for r in experts if r["layout"] == "packed"], lambda r: r["grouped_gemm"],
+                lambda r: f"T={r['tokens']}: {r['rows_computed']} rows for {r['real_pairs']} "
+                          "real pairs"),
+        _target(f"8 experts/rank, T = 1024: plain compute <= {bound}x the capacity layout's",
+                [r for r in ratios if r["tokens"] == 1024 and bound],
+                lambda r: r["compute_plain_ms"] <= bound,
+                lambda r: f"{r['link']} {r['context']}: {r['compute_plain_ms']:.2f}x"),
+        _target("T >= 1024: grouped GEMM on real rows >= 70% of the bmm's all-rows TFLOPS",
+                grouped, lambda r: r["real_tflops"] >= 0.7 * bmm[(r["link"], r["tokens"])],
+                lambda r: f"T={r['tokens']}: {r['real_tflops']:.0f} vs "
+                          f"{bmm[(r['link'], r['tokens'])]:.0f} TFLOPS"),
+        _target(">= 128 experts/rank, 32 <= T <= 256: expert weights read at >= 60% of the "
+                "copy bandwidth", streaming,
+                lambda r: r["weight_gb_per_s"] >= 0.6 * copy,
+                lambda r: f"T={r['tokens']}: {r['weight_gb_per_s']:.0f} of {copy:.0f} GB/s"),
+        _target("T = 32: the packed layout no slower than the capacity layout (TBO and plain)",
+                [r for r in ratios if r["tokens"] == 32],
+                lambda r: r["plain_ms"] <= 1.0 and r["tbo_ms"] <= 1.0,
+                lambda r: f"{r['link']} {r['context']}: plain {r['plain_ms']:.2f}x, TBO "
+                          f"{r['tbo_ms']:.2f}x"),
     ]
 
 
 def _decode_line(r: dict) -> str:
-    return (f"| {r['link']} | {r['context']} | {r['transport']} | {r['tokens']} | "
+    return (f"| {r['link']} | {r['context']} | {r['layout']} | {r['transport']} | "
+            f"{r['tokens']} | "
             f"{r['compute_ms']:.3f} | {r['comm_ms']:.3f} | {r['plain_ms']:.3f} | "
             f"{r['tbo_ms']:.3f} | {r['hidden_fraction']:.2f} | {r['limit_ratio']:.2f} | "
             f"{r['speedup']:.2f} |")
 
 
-DECODE_HEADER = ["| link | context | transport | tokens/rank | compute ms | comm ms | plain ms "
-                 "| TBO ms | hidden fraction | TBO / max(compute, comm) | plain / TBO |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+DECODE_HEADER = ["| link | context | layout | transport | tokens/rank | compute ms | comm ms "
+                 "| plain ms | TBO ms | hidden fraction | TBO / max(compute, comm) | "
+                 "plain / TBO |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def layout_lines(report: dict) -> list:
+    """The layouts side by side (packed over capacity) and the routed experts alone."""
+    lines = []
+    if layout_ratios(report["decode"]):
+        lines += ["", "## Packed over capacity (all_to_all, same run)", "",
+                  "| link | context | tokens/rank | plain compute | TBO compute | plain step | "
+                  "TBO step |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['link']} | {r['context']} | {r['tokens']} | "
+                  f"{r['compute_plain_ms']:.2f}x | {r['compute_ms']:.2f}x | "
+                  f"{r['plain_ms']:.2f}x | {r['tbo_ms']:.2f}x |"
+                  for r in layout_ratios(report["decode"])]
+    if report["experts"]:
+        r0 = report["routing"]
+        lines += ["", "## The routed experts of one layer, alone (CUDA graph)", "",
+                  f"One micro-batch of T tokens per rank, uniform random top-{r0['top_k']} of "
+                  f"{r0['num_experts']} experts, dispatched for real. Bytes: what one rank "
+                  "sends in one exchange (its own region included). A token's experts lie on "
+                  f"at most {r0['max_ranks_per_token']} ranks ({r0['routing']} routing).", "",
+                  "| layout | tokens/rank | real pairs | rows computed | expert ms | TFLOPS "
+                  "(real rows) | TFLOPS (rows computed) | weights GB/s | bytes per exchange |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["experts"]:
+            moved = ", ".join(f"{k} {v / 2**20:.1f} MiB"
+                              for k, v in r["bytes_per_exchange"].items())
+            lines.append(f"| {r['layout']} | {r['tokens']} | {r['real_pairs']} | "
+                         f"{r['rows_computed']} | {r['expert_ms']:.3f} | "
+                         f"{r['real_tflops']:.0f} | {r['computed_tflops']:.0f} | "
+                         f"{r['weight_gb_per_s']:.0f} | {moved} |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -982,28 +1255,36 @@ def markdown(report: dict) -> str:
         f"{env['date']}, {env['world_size']} x {env['gpu']}, torch {env['torch']} (CUDA "
         f"{env['cuda']}), NCCL {env['nccl']}, commit `{env['commit']}`. Produced by "
         "`benchmarks/overlap.py`; every figure is a median (see its docstring). Model: "
-        f"DeepSeek-V3 MoE slice, hidden {HIDDEN}, top-{TOP_K} of {EXPERTS_PER_RANK} experts "
-        f"per rank, expert intermediate {INTERMEDIATE}, one shared expert, {env['layers']} "
+        f"DeepSeek-V3 MoE slice, hidden {HIDDEN}, top-{TOP_K} of {env['experts_per_rank']} "
+        f"experts per rank ({env['routing']} routing), expert intermediate {INTERMEDIATE}, one "
+        f"shared expert, {env['layers']} "
         f"layers, {HEADS} heads of {HEAD_DIM}, bfloat16, `{env['attention']}` attention; "
         f"decode in CUDA graphs at {env['context']} (and {env['long_context']}) cached tokens "
         f"per sequence; prefill eager, fresh sequences of {env['prefill_seq_len']} tokens. "
-        "Expert layout: today's fixed-capacity layout (every local expert computes and every "
-        "exchange moves all `N*C` rows of its block).",
+        "Expert layouts (docs/model.md): `packed` (the default: only the real pairs are "
+        "computed, regions of `C*min(K, L)` rows per peer) and `capacity` (the old baseline: "
+        "every local expert computes, and every exchange moves, all `N*C` rows of its block).",
         "",
         "## The links", "",
         "| link | all_to_all of 64 MB per rank, ms | GB/s leaving each GPU |", "|---|---|---|"]
     for link, bw in report["link_bandwidth"].items():
         if bw:
             lines.append(f"| {link} | {bw['ms']:.3f} | {bw['gb_per_s']:.1f} |")
+    if report.get("copy_bandwidth"):
+        lines.append(f"| device copy, 1 GiB (read + write) | "
+                     f"{report['copy_bandwidth']['ms']:.3f} | "
+                     f"{report['copy_bandwidth']['gb_per_s']:.0f} |")
     lines += ["", "## Decode (CUDA graphs)", ""] + DECODE_HEADER
     lines += [_decode_line(r) for r in report["decode"]]
+    lines += layout_lines(report)
     if report["prefill"]:
         lines += ["", "## Prefill (eager, EXTEND)", "",
                   "`none` is a transport that moves nothing: the compute alone.", "",
-                  "| link | transport | tokens/rank | sequence length | plain ms | TBO ms | "
-                  "plain / TBO |", "|---|---|---|---|---|---|---|"]
+                  "| link | layout/transport | tokens/rank | sequence length | plain ms | TBO ms "
+                  "| plain / TBO |", "|---|---|---|---|---|---|---|"]
         for r in report["prefill"]:
-            lines.append(f"| {r['link']} | {r['transport']} | {r['tokens']} | {r['seq_len']} | "
+            lines.append(f"| {r['link']} | {r['layout']}/{r['transport']} | {r['tokens']} | "
+                         f"{r['seq_len']} | "
                          f"{r['plain_ms']:.2f} | {r['tbo_ms']:.2f} | {r['speedup']:.2f} |")
     if report["knobs"]:
         lines += ["", "## NCCL's SM trade (all_to_all)", "",
@@ -1028,7 +1309,7 @@ def markdown(report: dict) -> str:
                   f"for {graph.get('exchanges')} exchanges"
                   + (f"; {graph['error']}" if graph.get("error") else "")]
     lines += ["", "## Crossover and bit-identity", "",
-              f"- TBO wins from (tokens per rank, decode, link/context/transport): "
+              f"- TBO wins from (tokens per rank, decode, link/context/layout/transport): "
               f"{report['crossover']}",
               f"- Logits bit for bit equal across transports and links (context/tokens): "
               f"{report['bitwise']}", "", "## Targets", "",
@@ -1062,6 +1343,7 @@ def _env(F) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
             "commit": F.commit, "layers": F.layers, "attention": F.attention,
+            "experts_per_rank": F.experts_per_rank, "routing": F.routing,
             "context": F.context, "long_context": F.long_context,
             "prefill_seq_len": F.prefill_seq_len}
 
@@ -1074,9 +1356,10 @@ def main(argv) -> int:
         return 0
     from parity_tests.ep_parity import launch
 
-    unknown = sorted(set(F.links) - set(LINKS))
-    if unknown:
-        raise SystemExit(f"overlap: --links must be of {sorted(LINKS)}, got {unknown}")
+    for name, chosen, known in (("links", F.links, LINKS), ("layouts", F.layouts,
+                                                             ("packed", "capacity"))):
+        if not chosen or set(chosen) - set(known):
+            raise SystemExit(f"overlap: --{name} must be of {sorted(known)}, got {chosen}")
     os.makedirs(F.out_dir, exist_ok=True)
     passthrough = [a for a in argv[1:] if not a.startswith(("--nproc", "--link="))]
     ranks0 = {}
@@ -1087,8 +1370,10 @@ def main(argv) -> int:
         with open(os.path.join(F.out_dir, f"overlap-{link}-rank0.json")) as f:
             ranks0[link] = json.load(f)
     report = {"env": _env(F)}
-    for key in ("decode", "knobs", "prefill", "emulated"):
+    for key in ("decode", "knobs", "prefill", "emulated", "experts"):
         report[key] = [row for r in ranks0.values() for row in r[key]]
+    report["routing"] = next(iter(ranks0.values()))["routing"]
+    report["copy_bandwidth"] = next(iter(ranks0.values())).get("copy_bandwidth")
     report["bitwise"] = bitwise({link: r.get("digests", {}) for link, r in ranks0.items()})
     report["link_bandwidth"] = {link: r.get("link_bandwidth") for link, r in ranks0.items()}
     report["crossover"] = crossover(report["decode"])
