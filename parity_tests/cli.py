@@ -17,10 +17,17 @@
 2. *Model parity* (unless ``--nomodel``): runs the small MoE model on each named scenario four
    ways (JAX spec plain and TBO, PyTorch plain and TBO) and reports the max relative errors
    between them against the bound of the dtype (float32 1e-5, bfloat16 2e-2).
-3. *Graph replay parity*: a DECODE and a TARGET_VERIFY batch padded into a graph and one of
-   the graph's exact size, plain and with TBO, against the eager forward and the JAX spec;
-   replayed from CUDA graphs with ``--device=cuda``, through the runner's replay path with the
-   captured forward called eagerly on a CPU.
+3. *Graph replay parity* (unless ``--nomodel``): a DECODE and a TARGET_VERIFY batch padded
+   into a graph and one of the graph's exact size, plain and with TBO, against the eager
+   forward and the JAX spec; replayed from CUDA graphs with ``--device=cuda`` (`graph` rows),
+   through the runner's replay path with the captured forward called eagerly on a CPU
+   (`replay-path` rows).
+4. *Expert parallelism* (with ``--nproc`` above 1): model parity on that many ranks, as
+   processes (parity_tests/ep_parity.py), each rank's outputs and expert load against the
+   single-device spec on its own batch (`ep` rows).
+
+A legend under the tables says what each kind of row printed compares, and says nothing of a
+kind not printed.
 
 It exits 1 on any mismatch, after printing what failed and a reproducer: the first mismatching
 split as a `SplitCase(...)` literal to paste into a test, or the failing model scenario as a
@@ -91,7 +98,8 @@ flags.DEFINE_integer("workers", None, "verify: processes running the implementat
                      flag_values=FLAGS)
 
 COMMANDS = {
-    "run": ("Split, model and (on a GPU) graph-replay parity of spec and implementation.",
+    "run": ("Split, model, graph-replay and (--nproc) expert-parallel parity of spec and "
+            "implementation.",
             ("cases_per_mode", "seed", "device", "dtype", "model", "nproc")),
     "verify": ("Every batch within small bounds, spec against implementation.",
                ("max_seqs", "max_len", "max_bs", "max_draft", "max_graph_bs", "workers")),
@@ -438,14 +446,30 @@ MODEL_COLUMNS = ("plain_vs_jax", "tbo_vs_plain", "tbo_vs_jax", "jax_tbo_vs_jax")
 MODEL_TITLES = ("plain-JAX", "TBO-plain", "TBO-JAX", "JAXTBO-JAX")
 GRAPH_COLUMNS = ("replay_vs_eager", "replay_vs_spec", "eager_vs_spec")
 GRAPH_TITLES = ("replay-eager", "replay-JAX", "eager-JAX")
-LEGEND = (f"A-B: the max relative error max|A - B| / max|B| over hidden states, logits and "
-          f"both KV pools;\nplain / TBO: the PyTorch model without / with two-batch overlap; "
-          f"JAX, JAXTBO: the JAX spec plain / TBO.\nbound: {BOUNDS_TEXT}; expert loads must be "
-          f"equal. graph rows: replay of a CUDA graph vs the eager forward\nand the spec "
-          f"(bounds in parity_tests/graph_parity.py); replay-path rows: the same runner on a CPU,"
-          f"\nits captured forward called eagerly over the padded static buffers. ep rows: each "
-          f"rank of an\nexpert-parallel group against the single-device spec on its own batch "
-          f"(parity_tests/ep_parity.py).")
+# The legend under `run`'s tables: one entry per kind of row (a row's kind is the first word of
+# its label), each entry starting "<kind> rows"; only the kinds printed are described.
+LEGEND = {
+    "model": (f"model rows: A-B is the max relative error max|A - B| / max|B| over hidden "
+              f"states, logits and both KV pools;\nplain / TBO: the PyTorch model without / "
+              f"with two-batch overlap; JAX, JAXTBO: the JAX spec plain / TBO;\nbound: "
+              f"{BOUNDS_TEXT}; expert loads must be equal."),
+    "graph": ("graph rows: replay of a CUDA graph vs the eager forward and the spec, A-B as for "
+              "model rows\n(bounds in parity_tests/graph_parity.py)."),
+    "replay-path": ("replay-path rows: the CUDA-graph runner's replay path on a CPU, no graph: "
+                    "its captured forward called\neagerly over the padded static buffers, vs "
+                    "the eager forward and the spec, A-B as for model rows\n(bounds in "
+                    "parity_tests/graph_parity.py)."),
+    "ep": (f"ep rows: each rank of an expert-parallel group against the single-device spec on "
+           f"its own batch\n(parity_tests/ep_parity.py); worst: the largest relative error of a rank "
+           f"vs the spec, as A-B of model rows;\nbound {MODEL_BOUNDS['float32']}; expert loads "
+           f"must be equal."),
+}
+
+
+def legend(rows: list) -> str:
+    """The legend of the kinds of rows among ``rows`` (those printed), and of no other kind."""
+    kinds = {row["kind"].split()[0] for row in rows if "kind" in row}
+    return "\n".join(text for kind, text in LEGEND.items() if kind in kinds)
 
 
 def _print(line: str = "") -> None:
@@ -486,7 +510,7 @@ def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu
                 rows.append(row)
                 _print(_row(f"{row['kind']} {row['mode']}", row, ("worst",)))
         _print()
-        _print(LEGEND)
+        _print(legend(rows))
     failed = [row for row in rows if row["mismatches"]]
     _report_failures(failed)
     _print("\nFAIL" if failed else "\nOK: spec and implementation agree")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -213,6 +214,8 @@ def test_run_prints_the_table_and_exits_zero(run_process):
                 rows = [line for line in stdout.splitlines()
                         if line.startswith(f"replay-path {name} {tbo} {size} ")]
                 assert len(rows) == 1 and rows[0].split()[-5] == "0", (name, tbo, size, stdout)
+    # Its legend describes the kinds of rows printed (model, replay-path) and no other.
+    assert legend_drift(stdout) == []
 
 
 def test_a_replay_path_bug_fails_the_rows_it_breaks(monkeypatch):
@@ -229,3 +232,204 @@ def test_a_replay_path_bug_fails_the_rows_it_breaks(monkeypatch):
     failed = {row["mode"] for row in rows if row["mismatches"]}
     assert {"decode tbo 5->8 padded", "verify-tree tbo 5->8 padded"} <= failed
     assert not any(" plain " in mode for mode in failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module docstring and --help agree (the help's description is built from the docstring).
+# ---------------------------------------------------------------------------------------------
+
+
+def _doc_parts(doc: str) -> tuple:
+    """(summary, usage lines, {command: its usage entry, continuation lines joined}, prose) of a
+    docstring laid out as cli's: a summary paragraph, an indented usage block, then prose."""
+    summary, _, rest = doc.partition("\n\n")
+    block, _, prose = rest.partition("\n\n")
+    usage = [line[4:] for line in block.splitlines()]
+    entries, name = {}, None
+    for line in usage:
+        if line.startswith("tbo-parity "):
+            name = line.split()[1]
+            entries[name] = line
+        elif name is not None:
+            entries[name] += " " + line.strip()
+    return summary.replace("`", ""), usage, entries, prose
+
+
+def help_doc_drift(doc: str, out: str) -> list:
+    """Where the help ``out`` and the docstring ``doc`` disagree, a line each; empty when they
+    agree. The help's summary and usage block must be the docstring's; every command the help
+    lists must have a usage entry and be described (as `name`) in the prose, and every usage
+    entry must be a command the help lists; every flag the help gives a command must be in that
+    command's usage entry, with the same default where the entry writes one (not a placeholder
+    such as N or DIR), and every flag of the entry must be one the help gives the command."""
+    summary, usage, entries, prose = _doc_parts(doc)
+    sections = {paragraph.splitlines()[0]: paragraph.splitlines()[1:]
+                for paragraph in out.strip().split("\n\n")}
+    drift = []
+    if out.splitlines()[0] != summary:
+        drift.append(f"summary: {out.splitlines()[0]!r} in the help, {summary!r} in the docstring")
+    if sections.get("usage:") != [f"  {line}" for line in usage]:
+        drift.append("usage: the help's usage block is not the docstring's")
+    commands = [line.split()[0] for line in sections.get("commands:", [])]
+    for name in commands:
+        if name not in entries:
+            drift.append(f"command {name}: in the help, not in the docstring's usage")
+        if f"`{name}`" not in prose:
+            drift.append(f"command {name}: in the help, not described in the docstring")
+    drift += [f"command {name}: in the docstring's usage, not in the help"
+              for name in entries if not name.startswith("-") and name not in commands]
+    for title, lines in sections.items():
+        if not title.startswith("flags of "):
+            continue
+        name = title[len("flags of "):-1]
+        entry = entries.get(name)
+        if entry is None:  # reported above, its flags with it
+            continue
+        flags = {}
+        for line in lines:
+            shown, default = line.split()[0], line.rsplit("(default: ", 1)[1][:-1]
+            flags[shown.replace("[no]", "").lstrip("-")] = default
+        for flag, default in flags.items():
+            written = re.search(rf"--(?:no)?{flag}\b(?:=([^\s\]|]+))?", entry)
+            if written is None:
+                drift.append(f"{name} --{flag}: in the help, not in the docstring's usage")
+            elif written.group(1) and not written.group(1).isupper() \
+                    and written.group(1) != default:
+                drift.append(f"{name} --{flag}: default {default} in the help, "
+                             f"{written.group(1)} in the docstring")
+        for flag in re.findall(r"--(\w+)", entry):
+            if flag not in flags and not (flag.startswith("no") and flag[2:] in flags):
+                drift.append(f"{name} --{flag}: in the docstring's usage, not in the help")
+    return drift
+
+
+def _without_entry(doc: str, command: str) -> str:
+    """``doc`` with ``command``'s usage entry (and its continuation lines) removed."""
+    head, _, rest = doc.partition("\n\n")
+    block, _, prose = rest.partition("\n\n")
+    kept, dropping = [], False
+    for line in block.splitlines():
+        if line.startswith("    tbo-parity "):
+            dropping = line.split()[1] == command
+        if not dropping:
+            kept.append(line)
+    return "\n\n".join([head, "\n".join(kept), prose])
+
+
+def test_help_and_the_docstring_agree():
+    """`tbo-parity --help` as the console command prints it, against the module docstring."""
+    result = _cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert help_doc_drift(cli.__doc__, result.stdout) == []
+
+
+def test_the_help_description_is_built_from_the_docstring(monkeypatch):
+    """Change the docstring (its summary; one command's usage entry gone) and --help changes with
+    it; the drift check then reports the help against the old docstring, and the command the
+    help still lists against the new one."""
+    original = cli.__doc__
+    summary = original.partition("\n\n")[0]
+    changed = _without_entry(original, "timeline").replace(summary, "tbo-parity: changed.", 1)
+    assert "tbo-parity timeline" not in changed.partition("\n\n")[2].partition("\n\n")[0]
+    monkeypatch.setattr(cli, "__doc__", changed)
+    out = cli.help_text()
+    assert out.splitlines()[0] == "tbo-parity: changed."
+    drift = help_doc_drift(original, out)
+    assert any(line.startswith("summary:") for line in drift), drift
+    assert any(line.startswith("usage:") for line in drift), drift
+    assert help_doc_drift(changed, out) == [
+        "command timeline: in the help, not in the docstring's usage"]
+
+
+def _drifted_docs() -> list:
+    """(id, docstring drifted from the help in one way, the word its drift line must name)."""
+    doc = cli.__doc__
+    run_entry = _doc_parts(doc)[2]["run"]
+    seed = re.search(r"\[--seed=[^\]]+\] ?", run_entry).group(0)
+    max_len = re.search(r"--max_len=(\d+)", doc)
+    drifted = [
+        ("entry-gone", _without_entry(doc, "verify"), "command verify"),
+        ("flag-gone", doc.replace(seed, "", 1), "run --seed"),
+        ("default-changed", doc.replace(max_len.group(0),
+                                        f"--max_len={int(max_len.group(1)) + 1}", 1),
+         "verify --max_len: default"),
+        ("flag-added", doc.replace("tbo-parity timeline ", "tbo-parity timeline [--gone=1] ", 1),
+         "timeline --gone"),
+        ("undescribed", doc.replace("`upstream`", "upstream"), "command upstream"),
+        ("unknown-command", doc.replace("    tbo-parity --help", "    tbo-parity walk\n"
+                                                                "    tbo-parity --help", 1),
+         "command walk"),
+    ]
+    for name, changed, _ in drifted:
+        assert changed != doc, name  # the drift was planted
+    return [pytest.param(changed, word, id=name) for name, changed, word in drifted]
+
+
+@pytest.mark.parametrize("doc,word", _drifted_docs())
+def test_the_drift_check_reports_a_docstring_that_drifted_from_the_help(doc, word, monkeypatch):
+    """The docstring edited, the help built from it: its usage follows, but the commands and
+    flags the code has do not, and the check names the difference, and only it."""
+    monkeypatch.setattr(cli, "__doc__", doc)
+    drift = help_doc_drift(doc, cli.help_text())
+    assert drift and all(word in line for line in drift), drift
+
+
+# ---------------------------------------------------------------------------------------------
+# run's legend describes the kinds of rows printed, and no other.
+# ---------------------------------------------------------------------------------------------
+
+
+TABLE_ROW = re.compile(r"^(\S+) .*\s\d+\s+\d+\s+\d+\.\ds(\s|$)")  # label cases mismatches time
+LEGEND_ENTRY = re.compile(r"^([\w-]+) rows\b")
+
+
+def legend_drift(out: str) -> list:
+    """The kinds of rows (a row's kind: its label's first word) that `run`'s legend describes
+    but no printed row has, then those printed that it does not describe (split rows, which
+    have no error columns, need no entry); empty when the legend fits the table."""
+    lines = out.splitlines()
+    printed = {m.group(1) for line in lines if (m := TABLE_ROW.match(line))}
+    described = {m.group(1) for line in lines if (m := LEGEND_ENTRY.match(line))}
+    return ([f"legend describes {kind} rows, none printed"
+             for kind in sorted(described - printed)] +
+            [f"{kind} rows printed, not in the legend"
+             for kind in sorted(printed - described - {"split"})])
+
+
+def _fake_row(kind: str) -> dict:
+    return {"mode": "fake", "kind": kind, "cases": 1, "mismatches": 0, "seconds": 0.0}
+
+
+def _run_with_fake_checks(monkeypatch, capsys, *, device, skip, nproc) -> str:
+    """run_parity's output with every check replaced by one passing row of its kind (the graph
+    check's kind is graph on CUDA, replay-path on a CPU, as check_graphs names them)."""
+    monkeypatch.setattr(cli, "check_mode", lambda mode, count, seed: {
+        "mode": mode, "cases": count, "mismatches": 0, "seconds": 0.0, "first": None})
+    monkeypatch.setattr(cli, "check_models", lambda device, dtype: iter([_fake_row(
+        f"model {dtype}")]))
+    monkeypatch.setattr(cli, "graph_skip_reason", lambda device: skip)
+    monkeypatch.setattr(cli, "check_graphs", lambda dtype, device: iter([_fake_row(
+        "graph" if device == "cuda" else "replay-path")]))
+    monkeypatch.setattr(cli, "check_expert_parallel", lambda nproc, device: iter([_fake_row(
+        f"ep {nproc} ranks")]))
+    assert cli.run_parity(1, 0, model=True, device=device, nproc=nproc) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device,skip,nproc", [
+    ("cpu", "", 1), ("cpu", "", 2), ("cuda", "", 1), ("cuda", "", 4),
+    ("cuda", "torch sees no CUDA device", 1)],
+    ids=["cpu", "cpu-ep", "cuda", "cuda-ep", "cuda-skipped"])
+def test_the_legend_describes_only_the_row_kinds_printed(device, skip, nproc, monkeypatch,
+                                                          capsys):
+    out = _run_with_fake_checks(monkeypatch, capsys, device=device, skip=skip, nproc=nproc)
+    assert legend_drift(out) == [], out
+
+
+def test_the_legend_check_reports_a_line_for_a_kind_not_printed(monkeypatch, capsys):
+    """A legend of every kind whatever was printed (as it was before) fails the check on a CPU
+    run without expert parallelism: no graph and no ep rows were printed."""
+    monkeypatch.setattr(cli, "legend", lambda rows: "\n".join(cli.LEGEND.values()))
+    out = _run_with_fake_checks(monkeypatch, capsys, device="cpu", skip="", nproc=1)
+    assert legend_drift(out) == [f"legend describes {kind} rows, none printed"
+                                 for kind in ("ep", "graph")]
