@@ -354,6 +354,23 @@ def test_each_phase_says_so_on_stderr_before_it_starts(tmp_path, capsys, monkeyp
                    lifting + str(source), running + f"{source} and the spec"]
 
 
+@pytest.mark.parametrize("count", [1, 2, 1000])
+def test_the_spec_phase_counts_its_batches_in_the_right_number(count, capsys, monkeypatch):
+    """One batch per mode is "1 batch", any other count "N batches"."""
+    monkeypatch.setattr(upstream_cli, "SpecSide", lambda: None)
+    monkeypatch.setattr(upstream_cli, "all_probes", lambda *args: [])
+
+    def unread(path, label):  # stop after the spec's phase
+        raise fetch.SourceError("not read here")
+
+    monkeypatch.setattr(upstream_cli, "read_source", unread)
+    assert upstream_cli.main(["upstream", f"--sglang_source={__file__}",
+                              f"--cases_per_mode={count}"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    noun = "batch" if count == 1 else "batches"
+    assert f"({count} {noun} per mode," in first, first
+
+
 def test_a_release_not_cached_says_where_it_is_fetched_to(tmp_path, capsys, monkeypatch):
     def unreachable(version, cache_dir):
         raise fetch.SourceError(f"could not fetch sglang=={version}: no network", True)

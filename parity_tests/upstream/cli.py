@@ -65,7 +65,8 @@ def main(argv: Optional[list] = None, prog: str = "upstream") -> int:
             print(f"{prog}: --sglang_source={path}: no such file or directory", file=sys.stderr)
             return 2
     command = "upstream" if prog == "upstream" else f"{prog} upstream"
-    _progress(command, f"computing the spec's outcomes ({FLAGS.cases_per_mode} batches per "
+    batches = "batch" if FLAGS.cases_per_mode == 1 else "batches"
+    _progress(command, f"computing the spec's outcomes ({FLAGS.cases_per_mode} {batches} per "
                        "mode, replays, data-parallel reports, bad input)")
     side = SpecSide()
     probes = all_probes(side, FLAGS.cases_per_mode, FLAGS.seed)
