@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from reference import model as M
 from reference import split
+from reference.empty_batch import step_batches
 from reference.model import (DELTA_STAGES, LAYOUTS, KVPools,  # noqa: F401 (re-exported)
                              Operation, State, YieldOperation, execute_operations,
                              initial_state, model_operations, output_of, strategy_for)
@@ -157,8 +158,9 @@ def forward_tbo(weights, inputs: M.ModelInputs, k_pool, v_pool, *, cfg: ModelCon
 
     ``children`` is ``(child_a, child_b)`` with ``token_range``, ``seq_range``, ``seq_lens``,
     ``extend_seq_lens`` and ``extend_prefix_lens`` (as ``reference.split.derive_children``
-    gives). An empty child (no tokens) is skipped and the other runs alone. ``executor`` is
-    injectable so a test can run a wrong schedule.
+    gives). An empty child (no tokens) is skipped and the other runs alone
+    (``reference.empty_batch.step_batches``). ``executor`` is injectable so a test can run a
+    wrong schedule.
     """
     inputs = M.normalize_inputs(inputs)
     M.check_inputs(inputs, k_pool, v_pool, cfg=cfg, mode=mode, draft_token_num=draft_token_num)
@@ -167,13 +169,10 @@ def forward_tbo(weights, inputs: M.ModelInputs, k_pool, v_pool, *, cfg: ModelCon
     ops, delta = model_operations(cfg, weights, mode, draft_token_num=draft_token_num,
                                   dtype=dtype)
     pools = KVPools(k=jnp.asarray(k_pool), v=jnp.asarray(v_pool))
-    kept = [(child, sub) for child, sub in zip(children, child_inputs(
-        inputs, children, mode=mode, draft_token_num=draft_token_num))
-        if child.token_range[1] > child.token_range[0]]
-    states = [initial_state(sub, pools) for _, sub in kept]
+    parts = child_inputs(inputs, children, mode=mode, draft_token_num=draft_token_num)
+    states = [initial_state(sub, pools) for sub in step_batches(inputs, parts)]
     if len(states) == 2:
         executor(states, [ops, ops], delta)
-    else:  # one child (or none, IDLE): nothing to overlap with
-        states = states or [initial_state(inputs, pools)]
+    else:  # one child (or the whole IDLE batch): nothing to overlap with
         execute_operations(states[0], ops)
     return output_of(states, pools)

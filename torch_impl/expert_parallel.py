@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from torch_impl.empty_batch import is_empty
 from torch_impl.forward_mode import strategy_for
 from torch_impl.moe import float32_operand
 
@@ -477,8 +478,8 @@ class ExpertParallelDispatcher:
 
 def micro_batch_rows(batch) -> int:
     """The token rows of the batch's largest micro-batch: a child's under TBO, else the
-    batch's own (0 for an idle batch): what one exchange of this rank must fit."""
-    if batch.forward_mode.is_idle() or batch.num_tokens == 0:
+    batch's own (0 for an empty batch): what one exchange of this rank must fit."""
+    if is_empty(batch):
         return 0
     if batch.tbo_children is None:
         return batch.num_tokens
@@ -499,7 +500,7 @@ def agree_ep_step(batch, *, micro_batches: int, group=None) -> EPStep:
     raises the same ValueError on all of them instead of leaving some waiting.
     """
     rows = max(1, micro_batch_rows(batch))
-    if batch.forward_mode.is_idle() or batch.num_tokens == 0:
+    if is_empty(batch):  # no layout of its own: it follows the busy ranks'
         code_max, code_min = 0, 3
     else:
         code_max = code_min = _STRATEGY_CODES[strategy_for(batch.forward_mode)]

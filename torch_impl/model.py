@@ -22,12 +22,13 @@ from torch import nn
 
 from torch_impl import moe
 from torch_impl.config import ModelConfig, check_weights
+from torch_impl.empty_batch import (EXCHANGE_OPERATIONS, exchange_only, is_empty,
+                                    is_empty_state)
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.forward_mode import strategy_for  # noqa: F401 (re-exported)
 from torch_impl.expert_parallel import EPStep, micro_batch_rows
-from torch_impl.operations import (State, YieldOperation, execute_operations,
-                                   execute_overlapped_operations)
-from torch_impl.overlap import idle_state, model_forward_maybe_tbo
+from torch_impl.operations import State, YieldOperation
+from torch_impl.overlap import model_forward_maybe_tbo
 
 # The two published layouts (docs/spec.md, "Overlapped execution"); the schedule is data.
 # reference.model.LAYOUTS is the same text (its operations have these names without "op_"),
@@ -41,10 +42,6 @@ LAYOUTS = {
                "combine_wait layer_output |"),
 }
 DELTA_STAGES = {"prefill": 0, "decode": 2}
-# What an empty micro-batch runs under expert parallelism: its part in the exchanges (and the
-# expert compute its peers' tokens need); every other operation is skipped.
-EXCHANGE_OPERATIONS = ("router_gate", "select_experts", "dispatch_launch", "dispatch_wait",
-                       "routed_experts", "combine_launch", "combine_wait")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,7 +104,8 @@ class MoEDecoderLayer(nn.Module):
 
     def operations(self, strategy: str, *, empty: bool = False) -> list:
         """The layer's operations in ``strategy``'s layout; ``empty``: those of an empty
-        micro-batch (``EXCHANGE_OPERATIONS``, the rest skipped, the yields kept)."""
+        micro-batch under expert parallelism (``empty_batch.EXCHANGE_OPERATIONS``, the rest
+        skipped, the yields kept)."""
         ops = []
         for name in LAYOUTS[strategy].split():
             if name == "|":
@@ -152,10 +150,9 @@ class MoEDecoderLayer(nn.Module):
         s.router_logits = s.mlp_input.float() @ self.router  # [T, E] float32
 
     def op_select_experts(self, s: State):
-        batch = s.forward_batch
         weights, ids = moe.select_experts(
             s.pop("router_logits"), top_k=self.cfg.top_k, scoring=self.cfg.scoring,
-            num_token_non_padded=0 if batch is None else batch.num_real_tokens,
+            num_token_non_padded=0 if is_empty_state(s) else s.forward_batch.num_real_tokens,
             group_limited=self.group_limited)
         s.topk_weights, s.topk_ids = weights, ids
         s.expert_load.add(ids, self.cfg.num_experts)  # counted once, after the last layer
@@ -186,7 +183,7 @@ class MoEDecoderLayer(nn.Module):
 
     def op_combine_wait(self, s: State):
         routed_out = self.dispatcher.combine_wait(s.pop("combine_handle"))
-        if s.forward_batch is not None:  # an empty micro-batch has nothing to keep
+        if not is_empty_state(s):  # an empty micro-batch has nothing to keep
             s.routed_out = routed_out
 
     def op_layer_output(self, s: State):
@@ -240,8 +237,7 @@ class MoEModel(nn.Module):
         if not isinstance(ep_step, EPStep):
             raise ValueError("ep_step (an EPStep every rank agrees on) is required when the "
                              f"experts are sharded over ranks, got {ep_step!r}")
-        idle = batch.forward_mode.is_idle() or batch.num_tokens == 0
-        if not idle:
+        if not is_empty(batch):  # an empty batch runs whatever layout its peers agreed
             if strategy_for(batch.forward_mode) != ep_step.strategy:
                 raise ValueError(f"ep_step.strategy is {ep_step.strategy!r} but this rank's "
                                  f"{batch.forward_mode.name} batch runs "
@@ -258,37 +254,27 @@ class MoEModel(nn.Module):
         ``attn_backend`` is a ``TboAttnBackend`` initialised from the batch).
 
         ``ep_step``: with experts sharded over ranks, what every rank agrees on for this step
-        (capacity, one or two micro-batches, layout). An idle rank, or an empty child, still
-        runs its part of every exchange, so all ranks exchange in the same order."""
+        (capacity, one or two micro-batches, layout). An empty batch (an idle rank) or an
+        empty child is skipped on one rank and runs only its exchanges under expert
+        parallelism, so all ranks exchange in the same order (``torch_impl/empty_batch.py``)."""
         self.check_ep_step(batch, ep_step)
         hidden = self.embed[batch.input_ids]  # [T, H]
-        if batch.forward_mode.is_idle() or batch.num_tokens == 0:
+        exchanges = None  # what an empty micro-batch runs: nothing on one rank
+        if self.expert_parallel:
+            exchanges = [op for layer in self.layers
+                         for op in layer.operations(ep_step.strategy, empty=True)]
+        if is_empty(batch):
             load = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.int64,
                                device=hidden.device)
-            if self.expert_parallel:
-                load = self._exchange_only(ep_step, hidden.dtype, hidden.device)
+            if exchanges is not None:
+                load = exchange_only(exchanges, DELTA_STAGES[ep_step.strategy], ep_step,
+                                     hidden_size=self.cfg.hidden_size, dtype=hidden.dtype,
+                                     device=hidden.device)
             return ModelOutput(hidden, hidden @ self.lm_head, load)
         ops, delta = self.operations(batch.forward_mode)
-        empty_ops = None
-        if self.expert_parallel:
-            empty_ops = [op for layer in self.layers
-                         for op in layer.operations(ep_step.strategy, empty=True)]
         hidden, residual, load = model_forward_maybe_tbo(
             ops, delta, batch, hidden, attn_backend=attn_backend, profile=profile,
             ep_capacity=None if ep_step is None else ep_step.capacity,
-            empty_operations=empty_ops)
+            empty_operations=exchanges)
         hidden = rmsnorm(hidden + residual, self.final_norm, self.cfg.rms_eps)
         return ModelOutput(hidden, hidden @ self.lm_head, load)
-
-    def _exchange_only(self, ep_step: EPStep, dtype, device) -> torch.Tensor:
-        """An idle rank's step: empty micro-batches through every exchange (its experts still
-        compute its peers' tokens). Returns the (all-zero) expert load."""
-        ops = [op for layer in self.layers
-               for op in layer.operations(ep_step.strategy, empty=True)]
-        states = [idle_state(self.cfg.hidden_size, dtype, device, index, ep_step.capacity)
-                  for index in range(ep_step.micro_batches)]
-        if len(states) == 1:
-            execute_operations(states[0], ops)
-        else:
-            execute_overlapped_operations(states, [ops, ops], DELTA_STAGES[ep_step.strategy])
-        return moe.ExpertLoad.total([s.expert_load for s in states])

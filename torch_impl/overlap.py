@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.attention import TboAttnBackend
+from torch_impl.empty_batch import empty_state, is_empty, is_empty_state
 from torch_impl.forward_batch import ForwardBatch
 from torch_impl.moe import ExpertLoad
 from torch_impl.operations import State, execute_operations, execute_overlapped_operations
@@ -29,21 +30,13 @@ def _state(batch: ForwardBatch, backend, hidden, residual, micro_batch: int = 0,
 def _outputs(states: list) -> tuple:
     """Concatenate hidden states and residuals in token order; count expert loads over all
     micro-batches (an empty micro-batch adds no rows and no load)."""
-    real = [s for s in states if s.forward_batch is not None]
+    real = [s for s in states if not is_empty_state(s)]
     if len(real) == 1:  # the plain path: a concatenation of one would only copy
         hidden, residual = real[0].hidden_states, real[0].residual
     else:
         hidden = torch.cat([s.hidden_states for s in real])
         residual = torch.cat([s.residual for s in real])
     return hidden, residual, ExpertLoad.total([s.expert_load for s in states])
-
-
-def idle_state(hidden_size: int, dtype, device, micro_batch: int, ep_capacity: int) -> State:
-    """An empty micro-batch: no tokens, but it takes part in every exchange of the step (an
-    expert-parallel rank with nothing to send still receives and computes for its peers)."""
-    return State(mlp_input=torch.empty(0, hidden_size, dtype=dtype, device=device),
-                 expert_load=ExpertLoad(), micro_batch=micro_batch, ep_capacity=ep_capacity,
-                 forward_batch=None)
 
 
 def model_forward_maybe_tbo(operations, delta_stages: int, batch: ForwardBatch,
@@ -53,11 +46,11 @@ def model_forward_maybe_tbo(operations, delta_stages: int, batch: ForwardBatch,
     """(hidden [T, H], residual [T, H], expert_load [layers, E]) after all operations.
 
     Without ``batch.tbo_children`` this is the plain path. With them, each non-empty child
-    runs as a micro-batch; when both are non-empty they overlap with ``delta_stages``.
-    ``empty_operations`` (expert parallelism over several ranks): an empty child is not
-    skipped but runs these operations (its part in the exchanges) as an empty micro-batch,
-    so every rank runs the same exchanges in the same order; ``ep_capacity`` (the step's,
-    equal on all ranks) is then required.
+    runs as a micro-batch; when both are non-empty they overlap with ``delta_stages``. An
+    empty child (``empty_batch.is_empty``) is skipped, unless ``empty_operations`` is given
+    (expert parallelism over several ranks): then it runs these operations (its part in the
+    exchanges) on an ``empty_batch.empty_state``, so every rank runs the same exchanges in the
+    same order; ``ep_capacity`` (the step's, equal on all ranks) is then required.
     """
     if batch.tbo_children is None:
         backend = attn_backend.primary if isinstance(attn_backend, TboAttnBackend) \
@@ -69,14 +62,14 @@ def model_forward_maybe_tbo(operations, delta_stages: int, batch: ForwardBatch,
     states, ops = [], []
     for index, (child, backend) in enumerate(zip(batch.tbo_children, attn_backend.children)):
         start, end = child.tbo_parent_token_range
-        if end > start:
+        if not is_empty(child):
             states.append(_state(child, backend, hidden_states[start:end],
                                  None if residual is None else residual[start:end], index,
                                  ep_capacity))
             ops.append(operations)
-        elif empty_operations is not None:
-            states.append(idle_state(hidden_states.shape[1], hidden_states.dtype,
-                                     hidden_states.device, index, ep_capacity))
+        elif empty_operations is not None:  # it still takes part in every exchange
+            states.append(empty_state(hidden_states.shape[1], hidden_states.dtype,
+                                      hidden_states.device, index, ep_capacity))
             ops.append(empty_operations)
         # else: an empty child is skipped
     if len(states) == 1:
