@@ -97,7 +97,7 @@ def step_row(tokens, layout, ms, transport="all_to_all"):
 
 def expert_row(tokens, layout, grouped, real_tflops, computed_tflops, weight_gb_per_s=0.0):
     return {"link": "network", "layout": layout, "tokens": tokens, "grouped_gemm": grouped,
-            "real_pairs": 10, "rows_computed": 10 if grouped else 40,
+            "real_pairs": 10, "rows_computed": 10 if grouped else 300, "local_experts": 2,
             "real_tflops": real_tflops, "computed_tflops": computed_tflops,
             "weight_gb_per_s": weight_gb_per_s}
 

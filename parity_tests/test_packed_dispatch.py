@@ -205,6 +205,15 @@ def test_the_fallback_experts_compute_each_real_row_with_its_expert():
         0, 1, 2, 8, 9, 10, 11, 12, 12, 12]
 
 
+def test_the_grouped_gemm_runs_only_where_an_expert_may_get_more_than_a_tile(monkeypatch):
+    """The static choice: available and ``per_expert > TILE_ROWS``; a CPU never takes it."""
+    recv = torch.zeros(4, 8)
+    assert not pd.uses_grouped_gemm(recv, pd.TILE_ROWS + 1)  # a CPU: not available
+    monkeypatch.setattr(pd, "grouped_gemm_available", lambda *args: True)
+    assert pd.uses_grouped_gemm(recv, pd.TILE_ROWS + 1)
+    assert not pd.uses_grouped_gemm(recv, pd.TILE_ROWS)
+
+
 def test_the_receive_map_matches_the_spec_on_random_counts():
     rng = np.random.default_rng(11)
     for _ in range(20):
@@ -276,13 +285,11 @@ def test_the_grouped_gemm_path_agrees_with_the_fallback_and_replays_fresh_group_
     down = randn(local, inter, hidden, scale=inter ** -0.5)
     recv = randn(rows, hidden)
     ends = torch.tensor([5, 17, 17, 40], dtype=torch.int32, device=dev)  # expert 2 empty
-    assert pd.grouped_gemm_available(recv, gate, up, down)
-    grouped = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=rows)
-    where = pd.padded_expert_rows(ends, rows, rows)
-    padded = recv.new_zeros(local * rows + 1, hidden)
-    padded.index_put_((where,), recv)
-    fallback = ep.expert_swiglu(padded[:-1].view(local, rows, hidden), gate, up, down)
-    fallback = fallback.view(-1, hidden)[where.clamp(max=local * rows - 1)]
+    per = pd.TILE_ROWS + 1  # an expert may get more than a tile: the grouped GEMM runs
+    assert pd.uses_grouped_gemm(recv, per, gate, up, down)
+    assert not pd.uses_grouped_gemm(recv, pd.TILE_ROWS, gate, up, down)
+    grouped = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=per)
+    fallback = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=pd.TILE_ROWS)
     real = int(ends[-1])
     diff = float((grouped[:real].float() - fallback[:real].float()).abs().max())
     scale = float(fallback[:real].float().abs().max())
@@ -290,10 +297,10 @@ def test_the_grouped_gemm_path_agrees_with_the_fallback_and_replays_fresh_group_
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        captured = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=rows)
+        captured = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=per)
     ends.copy_(torch.tensor([0, 30, 31, 60], dtype=torch.int32))  # fresh counts, on device
     graph.replay()
     torch.cuda.synchronize()
-    eager = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=rows)
+    eager = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=per)
     assert torch.equal(captured[:60], eager[:60])
     assert not torch.equal(captured[:60], grouped[:60])  # the replay used the new ends

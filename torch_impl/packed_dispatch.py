@@ -129,6 +129,21 @@ def grouped_gemm_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
                     for w in weights))
 
 
+# Rows of one M tile of the grouped GEMM. An expert's group costs at least one tile, so when
+# no expert can receive more rows than a tile (``per_expert <= TILE_ROWS``) the expert-padded
+# batched matmul computes no more rows than the grouped GEMM's tiles do, and streams the
+# weights faster at these sizes (measured on an H200: docs/gpu-results.md). It is also about
+# where an H200 turns from bandwidth- to compute-bound (bf16: ~700 TFLOPS over ~4.3 TB/s).
+TILE_ROWS = 128
+
+
+def uses_grouped_gemm(recv: torch.Tensor, per_expert: int, *weights: torch.Tensor) -> bool:
+    """Whether ``grouped_swiglu`` runs the grouped GEMM: where it is available and an expert
+    may receive more than one tile of rows. A static choice (shapes only), so a captured
+    graph's path never depends on the step's counts."""
+    return per_expert > TILE_ROWS and grouped_gemm_available(recv, *weights)
+
+
 def _grouped_mm(x, weight, group_ends):
     return torch._grouped_mm(x, weight, offs=group_ends)
 
@@ -155,11 +170,13 @@ def grouped_swiglu(recv: torch.Tensor, group_ends: torch.Tensor, gate: torch.Ten
     GEMM path); nobody reads them. The activation runs in float32 and is rounded once, as in
     ``expert_swiglu``.
 
-    On an sm90+ GPU in bf16: three grouped GEMMs over the real rows only (waste: tile
-    rounding). Elsewhere (a CPU, float32, older GPUs) the same semantics through a batched
-    matmul over an expert-padded block of ``per_expert`` rows per expert (at most ``N*C``):
-    no host reads, so it captures too, but it computes ``L*P`` rows."""
-    if grouped_gemm_available(recv, gate, up, down):
+    On an sm90+ GPU in bf16, when an expert may receive more than ``TILE_ROWS`` rows: three
+    grouped GEMMs over the real rows only (waste: tile rounding). Otherwise (a small step; a
+    CPU, float32, older GPUs) the same semantics through a batched matmul over an
+    expert-padded block of ``per_expert`` rows per expert (at most ``N*C``): no host reads,
+    so it captures too; it computes ``L*P`` rows, no more than one tile per expert in a
+    small step (``uses_grouped_gemm``)."""
+    if uses_grouped_gemm(recv, per_expert, gate, up, down):
         g = _grouped_mm(recv, gate, group_ends).float()
         u = float32_operand(_grouped_mm(recv, up, group_ends))
         return _grouped_mm((F.silu(g) * u).to(recv.dtype), down, group_ends)

@@ -11,10 +11,13 @@ cat "$OUT/env.txt"
 timeout 150 python3 -m pytest -q -m gpu parity_tests/test_packed_dispatch.py -p no:cacheprovider -rs > "$OUT/gpu-pytest.log" 2>&1
 tail -n 3 "$OUT/gpu-pytest.log"
 for E in ${EXPERTS:-8 32}; do
+  tokens=32,256,1024
+  if [[ $E -ge 128 ]]; then tokens=${BIG_TOKENS:-32,128,256}; fi
   dir=/tmp/bench-e$E
   prefill=${PREFILL:-4096}
+  if [[ $E -ge 128 ]]; then prefill=${BIG_PREFILL:-1024}; fi
   timeout "${BENCH_TIMEOUT:-250}" python3 benchmarks/overlap.py --nproc=1 --links=nvlink \
-    --experts_per_rank=$E --tokens=32,256,1024 --long_context=0 --prefill_tokens=$prefill \
+    --experts_per_rank=$E --tokens=$tokens --long_context=0 --prefill_tokens=$prefill \
     --layers=2 --transports=all_to_all,exact --timeline_tokens=0 --iters=10 --repeats=5 \
     --commit="${COMMIT:-unknown}" --out_dir=$dir > /tmp/bench-e$E.log 2>&1
   echo "e$E rc=$?"; tail -n 5 /tmp/bench-e$E.log
