@@ -74,7 +74,9 @@ def _dispatcher(rank, top_k, transport="all_to_all", max_capacity=MAX_CAPACITY, 
 
 def _run(ranks, top_k, per_rank, experts, cls=None, capacity=MAX_CAPACITY):
     def step(rank):
-        d = _dispatcher(rank, top_k, cls=cls)
+        # buffers sized for a larger step than this one, as a runner's largest graph sizes
+        # them: every view and every pass must be the step's
+        d = _dispatcher(rank, top_k, cls=cls, max_capacity=capacity + 3)
         h, w, ids = per_rank[rank.rank]
         handle = d.dispatch_launch(h, w, ids, micro_batch=rank.rank % 2, capacity=capacity)
         n, s = d.world_size, d.region_rows(capacity)
@@ -84,7 +86,7 @@ def _run(ranks, top_k, per_rank, experts, cls=None, capacity=MAX_CAPACITY):
         recv, ends = handle.recv.clone(), handle.group_ends.clone()
         out = d.experts(handle, *(d.experts_of(x) for x in experts))
         got = d.combine_wait(d.combine_launch(out, handle))
-        assert send.shape == (n, s, HIDDEN)
+        assert send.shape == (n, s, HIDDEN) and recv.shape == (n * s, HIDDEN)
         return send, counts, recv, ends, got
 
     results, group = run_ranks(ranks, step)

@@ -360,7 +360,9 @@ class PackedDispatcher(ExpertParallelDispatcher):
         handle.row_of, handle.group_ends = packed_receive_map(bufs["recv_counts"],
                                                               received.shape[1])
         fill_packed_recv(bufs["recv"], received, handle.row_of)
-        handle.recv = bufs["recv"][:-1]
+        # the step's N*S rows, not the buffer's (sized for max_capacity): the experts' work
+        # and its index passes scale with the step
+        handle.recv = bufs["recv"][:received.shape[0] * received.shape[1]]
 
     def dispatch_wait(self, handle: EPHandle) -> EPHandle:
         _, received, _, bufs = self._views(handle.micro_batch, handle.capacity)
