@@ -220,7 +220,7 @@ def test_upstream_says_what_it_does_on_stderr_first(tmp_path):
     result = _cli("upstream", f"--sglang_source={source}", "--cases_per_mode=1")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0].startswith("tbo-parity upstream: computing the spec's outcomes (1 batches")
+    assert lines[0].startswith("tbo-parity upstream: computing the spec's outcomes (1 batch per mode")
     assert lines[1:] == [f"tbo-parity upstream: reading {source}",
                          f"tbo-parity upstream: lifting the split functions of {source}",
                          lines[3]] and lines[3].endswith(f"cases through {source} and the spec")
