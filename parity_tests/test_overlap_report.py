@@ -70,6 +70,13 @@ def test_bitwise_compares_every_transport_on_every_link():
                            "2048/64/packed/exact": "w"}}
     assert ob.bitwise(digests) == {"2048/32/capacity": True, "2048/64/capacity": False,
                                    "2048/64/packed": True}
+    # one run of a key compares nothing: neither equal nor different
+    alone = ob.bitwise({"nvlink": {"2048/32/packed/all_to_all": "x"}})
+    assert alone == {"2048/32/packed": None}
+    report = {"decode": [], "prefill": [], "bitwise": alone, "experts": [],
+              "env": {"world_size": 1, "experts_per_rank": 8}}
+    verdict = {t["target"]: t["met"] for t in ob.targets(report)}
+    assert verdict["logits bit for bit equal across transports and links"] is None
 
 
 def test_targets_are_met_missed_or_not_measured():
