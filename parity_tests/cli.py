@@ -169,8 +169,8 @@ def help_text() -> str:
 # Flags two commands share, described for each of them.
 SHARED_HELP = {
     ("run", "nproc"): "also model parity on this many expert-parallel ranks, as processes: "
-                      "gloo on a CPU; NCCL, both transports and CUDA graphs with "
-                      "--device=cuda (1: none).",
+                      "gloo on a CPU; NCCL, every layout/transport pair and CUDA graphs "
+                      "with --device=cuda (1: none).",
     ("timeline", "nproc"): "ranks (GPUs) of the recorded step.",
     ("timeline", "device"): "where the ranks run: cuda, or cpu for a tiny model (the picture "
                             "then has no communication lane).",
