@@ -33,8 +33,10 @@ runs every rank on one device, an all-to-all being a swap of the two rank axes
 (``exchange``). Both equal ``reference.moe``'s single-device routed output up to summation
 order (``parity_tests/test_expert_parallel_spec.py``).
 
-Shape letters: ``N`` ranks, ``E`` routed experts, ``L = E // N`` local experts per rank,
-``C`` token rows per rank, ``H`` hidden, ``I`` expert intermediate size, ``K`` top-k.
+Shape letters (docs/spec.md, "Shape letters"): ``N`` ranks, ``E`` routed experts,
+``L = E // N`` local experts per rank, ``C`` token rows per rank, ``H`` hidden, ``I`` expert
+intermediate size, ``K`` top-k; for the packed layout ``M = min(K, L)``, ``S = C*M`` region
+rows and ``J`` rows of a receive buffer.
 """
 
 from __future__ import annotations
@@ -442,7 +444,7 @@ def packed_receive_buffer(received, row_of):
 
 
 def grouped_experts(recv, group_ends, gate, up, down):
-    """``out [R, H]``: row ``j`` of ``recv [R, H]`` through local expert ``l``'s SwiGLU, where
+    """``out [J, H]``: row ``j`` of ``recv [J, H]`` through local expert ``l``'s SwiGLU, where
     ``group_ends[l-1] <= j < group_ends[l]`` (``gate, up [L, H, I]``, ``down [L, I, H]``);
     rows from ``group_ends[L-1]`` on are zero. One grouped matrix product per weight
     (``jax.lax.ragged_dot``): only the real rows are computed."""

@@ -11,9 +11,10 @@ the paged KV cache, the operations vocabulary (``Operation``, ``YieldOperation``
 Imports flow one way: ``reference.moe`` <- ``reference.model`` <- ``reference.operations``
 (``parity_tests/test_tbo_structure.py`` checks that the import graph has no cycle).
 
-Shape letters: ``T`` tokens, ``S`` sequences, ``H`` hidden, ``N`` heads, ``D`` head dim,
-``E`` routed experts, ``K`` top-k, ``V`` vocabulary, ``R`` rows and ``L`` columns of
-``req_to_token``, ``P`` KV-pool slots, ``M`` flattened custom-mask entries.
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens, ``B`` sequences, ``H`` hidden,
+``Q`` heads, ``D`` head dim, ``E`` routed experts, ``K`` top-k, ``V`` vocabulary, ``R`` rows
+and ``W`` columns of ``req_to_token``, ``P`` KV-pool slots, ``F`` flattened custom-mask
+entries.
 
 Everything is shape-static: padding rows are marked by ``num_token_non_padded`` and routed
 nowhere (``reference.moe``). Padding rows still compute attention (their outputs are
@@ -52,12 +53,12 @@ class ModelInputs:
     input_ids: jax.Array  # [T] int32
     positions: jax.Array  # [T] int32
     out_cache_loc: jax.Array  # [T] int32, KV-pool slot each token writes
-    req_pool_indices: jax.Array  # [S] int32, row of req_to_token per sequence
-    seq_lens: jax.Array  # [S] int32
-    extend_prefix_lens: Optional[jax.Array] = None  # [S] int32, EXTEND only
-    extend_seq_lens: Optional[jax.Array] = None  # [S] int32, EXTEND only
-    custom_mask: Optional[jax.Array] = None  # [M] bool, TARGET_VERIFY only (docs/spec.md, Children)
-    req_to_token: jax.Array  # [R, L] int32
+    req_pool_indices: jax.Array  # [B] int32, row of req_to_token per sequence
+    seq_lens: jax.Array  # [B] int32
+    extend_prefix_lens: Optional[jax.Array] = None  # [B] int32, EXTEND only
+    extend_seq_lens: Optional[jax.Array] = None  # [B] int32, EXTEND only
+    custom_mask: Optional[jax.Array] = None  # [F] bool, TARGET_VERIFY only (docs/spec.md, Children)
+    req_to_token: jax.Array  # [R, W] int32
     num_token_non_padded: Optional[jax.Array] = None  # int32 scalar; None means T
 
 
@@ -67,8 +68,8 @@ class ModelInputs:
 class ForwardOutput:
     hidden: jax.Array  # [T, H]  final-norm hidden states
     logits: jax.Array  # [T, V]
-    k_pool: jax.Array  # [num_layers, P, N, D]  after the pass's writes
-    v_pool: jax.Array  # [num_layers, P, N, D]
+    k_pool: jax.Array  # [num_layers, P, Q, D]  after the pass's writes
+    v_pool: jax.Array  # [num_layers, P, Q, D]
     expert_load: jax.Array  # [num_layers, E] int32: (token, k) pairs routed to each expert
 
 
@@ -120,7 +121,7 @@ def rmsnorm(x, w, *, eps):
 
 
 def rope(x, positions, *, theta):
-    """NeoX rotary (rotate halves). x: [T, N, D]; positions: [T].
+    """NeoX rotary (rotate halves). x: [T, Q, D]; positions: [T].
 
     ``inv_freq`` is computed in float64 numpy and cast, so it is the same on every backend.
     """
@@ -134,7 +135,7 @@ def rope(x, positions, *, theta):
 
 # ---------------------------------------------------------------------------------------------
 # Which table columns each token may attend to: one small function per mode.
-# Each returns (seq_of_token [T], allowed [T, L]).
+# Each returns (seq_of_token [T], allowed [T, W]).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -148,7 +149,7 @@ def extend_allowed(extend_prefix_lens, extend_seq_lens, *, num_tokens, num_cols)
     Tokens lie sequence after sequence, so ``s`` is where ``t`` falls among the running sums.
     """
     t = jnp.arange(num_tokens)
-    ends = jnp.cumsum(extend_seq_lens)  # [S]
+    ends = jnp.cumsum(extend_seq_lens)  # [B]
     seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), len(ends) - 1)  # [T]
     offset = t - (ends - extend_seq_lens)[seq]  # [T]: o
     last = extend_prefix_lens[seq] + offset  # [T]: last visible column
@@ -174,16 +175,16 @@ def target_verify_allowed(seq_lens, custom_mask, *, draft_token_num, num_tokens,
     d = draft_token_num
     t = jnp.arange(num_tokens)
     seq, r = t // d, t % d  # [T], [T]
-    width = seq_lens + d  # [S]: columns of each block
-    block_start = _exclusive_cumsum(width * d)  # [S]
-    j = jnp.arange(num_cols)[None, :]  # [1, L]
-    flat = block_start[seq][:, None] + r[:, None] * width[seq][:, None] + j  # [T, L]
+    width = seq_lens + d  # [B]: columns of each block
+    block_start = _exclusive_cumsum(width * d)  # [B]
+    j = jnp.arange(num_cols)[None, :]  # [1, W]
+    flat = block_start[seq][:, None] + r[:, None] * width[seq][:, None] + j  # [T, W]
     in_block = j < width[seq][:, None]
     return seq, in_block & custom_mask[jnp.clip(flat, 0, custom_mask.shape[0] - 1)]
 
 
 def attention_layout(inputs: ModelInputs, *, mode, draft_token_num=None):
-    """``(table_rows [T, L], allowed [T, L])``: each token's table row and visible columns."""
+    """``(table_rows [T, W], allowed [T, W])``: each token's table row and visible columns."""
     name = mode_name(mode)
     num_tokens, num_cols = inputs.input_ids.shape[0], inputs.req_to_token.shape[1]
     sizes = dict(num_tokens=num_tokens, num_cols=num_cols)
@@ -205,7 +206,7 @@ def attention_layout(inputs: ModelInputs, *, mode, draft_token_num=None):
 
 
 def project_qkv(h, positions, wq, wk, wv, *, cfg: ModelConfig):
-    """The projections of ``attn_qkv``: q, k, v ``[T, N, D]``, with q and k rotated."""
+    """The projections of ``attn_qkv``: q, k, v ``[T, Q, D]``, with q and k rotated."""
     shape = (h.shape[0], cfg.num_heads, cfg.head_dim)
     q, k, v = (h @ wq).reshape(shape), (h @ wk).reshape(shape), (h @ wv).reshape(shape)
     return rope(q, positions, theta=cfg.rope_theta), rope(k, positions, theta=cfg.rope_theta), v
@@ -214,15 +215,15 @@ def project_qkv(h, positions, wq, wk, wv, *, cfg: ModelConfig):
 def attend(q, k_pool_layer, v_pool_layer, table_rows, allowed):
     """The read of ``attn_core``: attention over one layer's pool, through the table.
 
-    q: [T, N, D]; pools: [P, N, D]; table_rows, allowed: [T, L]. Returns [T, N, D].
+    q: [T, Q, D]; pools: [P, Q, D]; table_rows, allowed: [T, W]. Returns [T, Q, D].
     Scores and softmax run in at least float32; disallowed columns get -inf, and every valid
     row has at least one allowed column (its own token).
     """
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    keys = k_pool_layer[table_rows].astype(softmax_dtype)  # [T, L, N, D]
-    values = v_pool_layer[table_rows].astype(softmax_dtype)  # [T, L, N, D]
+    keys = k_pool_layer[table_rows].astype(softmax_dtype)  # [T, W, Q, D]
+    values = v_pool_layer[table_rows].astype(softmax_dtype)  # [T, W, Q, D]
     scores = jnp.einsum("tnd,tlnd->tnl", q.astype(softmax_dtype), keys) / np.sqrt(q.shape[-1])
-    scores = jnp.where(allowed[:, None, :], scores, -jnp.inf)  # [T, N, L]
+    scores = jnp.where(allowed[:, None, :], scores, -jnp.inf)  # [T, Q, W]
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("tnl,tlnd->tnd", probs, values).astype(q.dtype)
 
@@ -382,7 +383,7 @@ def _model_edges(cfg, w, mode, draft_token_num):
     """The operations before the first layer and after the last."""
     def embed(s):
         inputs = s.inputs
-        s.table_rows, s.allowed = attention_layout(  # [T, L] each
+        s.table_rows, s.allowed = attention_layout(  # [T, W] each
             inputs, mode=mode, draft_token_num=draft_token_num)
         s.hidden_states = w["embed"][inputs.input_ids]  # [T, H]
         s.residual = None
@@ -414,13 +415,13 @@ def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operat
 
     def attn_qkv(s):  # q/k/v projections and rotary; touches nothing shared
         s.q, s.k, s.v = project_qkv(s.pop("attn_input"), s.inputs.positions, w[p + "wq"],
-                                    w[p + "wk"], w[p + "wv"], cfg=cfg)  # [T, N, D] each
+                                    w[p + "wk"], w[p + "wv"], cfg=cfg)  # [T, Q, D] each
 
     def attn_core(s):  # write this layer's k, v into the cache, then read through the table
         pools = s.pools
         pools.write(layer, s.inputs.out_cache_loc, s.pop("k"), s.pop("v"))
         o = attend(s.pop("q"), pools.k[layer], pools.v[layer], s.table_rows,
-                   s.allowed)  # [T, N, D]
+                   s.allowed)  # [T, Q, D]
         s.hidden_states = o.reshape(o.shape[0], cfg.num_heads * cfg.head_dim) @ w[p + "wo"]
 
     def mlp_input_prep(s):  # fused residual add + RMSNorm
@@ -449,7 +450,7 @@ def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operat
 
     def routed_experts(s):
         s.expert_out = moe.routed_experts(s.dispatched, w[p + "experts_gate"],
-                                          w[p + "experts_up"], w[p + "experts_down"])  # [TK, H]
+                                          w[p + "experts_up"], w[p + "experts_down"])  # [T*K, H]
 
     def combine_launch(s):
         s.combine_handle = moe.combine(s.pop("expert_out"), s.pop("dispatched").pair_index,

@@ -6,10 +6,10 @@ boolean indexing. This module imports nothing from the rest of ``reference`` but
 so the model (``reference.model``) and its overlapped execution (``reference.operations``)
 can both build on it.
 
-Shape letters: ``T`` tokens, ``H`` hidden, ``E`` routed experts, ``K`` top-k, ``I`` expert
-intermediate size, ``X`` shared experts, ``TK`` = ``T * K`` (token, expert) pairs; for
-group-limited routing ``G`` expert groups (``n_group``), ``M`` kept groups (``topk_group``),
-``S = E / G`` experts per group.
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens, ``H`` hidden, ``E`` routed
+experts, ``K`` top-k, ``I`` expert intermediate size, ``X`` shared experts, ``T*K`` (token,
+expert) pairs; for group-limited routing ``G`` expert groups (``n_group``) of ``E/G`` experts
+each, of which ``topk_group`` are kept per token.
 """
 
 from __future__ import annotations
@@ -72,18 +72,19 @@ def check_correction_bias(correction_bias, num_experts: int) -> None:
 def group_limited_ids(corrected, *, top_k: int, n_group: int, topk_group: int):
     """``ids [T, K]`` int32 of DeepSeek-V3's group-limited selection on ``corrected [T, E]``.
 
-    The E experts form G contiguous groups of S (group g holds experts ``g*S .. g*S + S-1``);
-    a group's score is the sum of its two largest entries; the M best groups are kept (equal
-    group scores: the lower group id first, also at the M-th place); the K largest entries of
+    The E experts form G contiguous groups of E/G (group g holds experts ``g*E/G ..
+    (g+1)*E/G - 1``); a group's score is the sum of its two largest entries; the
+    ``topk_group`` best groups are kept (equal group scores: the lower group id first, also at
+    the ``topk_group``-th place); the K largest entries of
     the kept groups' experts are chosen, largest first (equal entries: the lower expert id
     first). Experts outside the kept groups are masked to -inf, so none is ever chosen
     (``check_group_limited`` ensures the kept groups hold K experts).
     """
     num_tokens, num_experts = corrected.shape
-    grouped = corrected.reshape(num_tokens, n_group, num_experts // n_group)  # [T, G, S]
+    grouped = corrected.reshape(num_tokens, n_group, num_experts // n_group)  # [T, G, E/G]
     best_two, _ = jax.lax.top_k(grouped, 2)  # [T, G, 2]
     group_scores = best_two[..., 0] + best_two[..., 1]  # [T, G]
-    _, kept_groups = top_k_lower_id_first(group_scores, topk_group)  # [T, M]
+    _, kept_groups = top_k_lower_id_first(group_scores, topk_group)  # [T, topk_group]
     kept = jnp.any(kept_groups[:, :, None] == jnp.arange(n_group), axis=1)  # [T, G]
     kept_experts = jnp.repeat(kept, num_experts // n_group, axis=1)  # [T, E]
     _, ids = top_k_lower_id_first(jnp.where(kept_experts, corrected, -jnp.inf), top_k)
@@ -118,13 +119,14 @@ def max_ranks_reached(num_experts: int, num_ranks: int, n_group: int, topk_group
     """The most expert-parallel ranks one token's K experts can lie on under group-limited
     routing, when rank r holds experts ``r*L .. r*L + L-1`` (``L = num_experts / num_ranks``).
 
-    Group g spans the ranks ``g*S // L .. (g*S + S-1) // L``: an interval, and the intervals of
-    groups 0, 1, ... move right, never back. A token's experts lie in M kept groups, so it
-    reaches at most the ranks of the best M intervals' union, and at most K ranks (one per
-    expert). The union of chosen intervals, taken in group order, is the first one's length plus,
-    for each next, its ranks past the previous one's end; the best choice is a small dynamic
-    programme over (groups chosen, last group). The bound is reached: any M groups can win, and
-    K experts can then sit on distinct ranks of their union. ValueError naming ``num_ranks`` if
+    Group g (of ``G = n_group`` groups) spans the ranks ``g*E/G // L .. ((g+1)*E/G - 1) // L``:
+    an interval, and the intervals of groups 0, 1, ... move right, never back. A token's
+    experts lie in ``topk_group`` kept groups, so it reaches at most the ranks of the best
+    ``topk_group`` intervals' union, and at most K ranks (one per expert). The union of chosen
+    intervals, taken in group order, is the first one's length plus, for each next, its ranks
+    past the previous one's end; the best choice is a small dynamic programme over (groups
+    chosen, last group). The bound is reached: any ``topk_group`` groups can win, and K experts
+    can then sit on distinct ranks of their union. ValueError naming ``num_ranks`` if
     it is not an int >= 1 dividing ``num_experts``, else as ``check_group_limited``.
     Pure Python (no arrays): ``torch_impl/moe.py`` has the same function.
     """
@@ -186,9 +188,9 @@ def expert_load(topk_ids, *, num_experts):
 class Dispatched:
     """The expert-major buffer: pair ``p`` of it is the flat (token, k) pair ``pair_index[p]``."""
 
-    tokens: jax.Array  # [TK, H]  hidden state of each pair's token
-    expert_ids: jax.Array  # [TK]  non-decreasing, -1 (padding) pairs last
-    pair_index: jax.Array  # [TK]  flat index t*K + k of each pair
+    tokens: jax.Array  # [T*K, H]  hidden state of each pair's token
+    expert_ids: jax.Array  # [T*K]  non-decreasing, -1 (padding) pairs last
+    pair_index: jax.Array  # [T*K]  flat index t*K + k of each pair
 
 
 def dispatch(h, topk_ids, *, num_experts) -> Dispatched:
@@ -197,8 +199,8 @@ def dispatch(h, topk_ids, *, num_experts) -> Dispatched:
     Id -1 sorts as ``num_experts`` so padding pairs go last; a stable argsort is a fixed-size
     permutation, so nothing here depends on the data's shape.
     """
-    flat_ids = topk_ids.reshape(-1)  # [TK]
-    order = jnp.argsort(jnp.where(flat_ids < 0, num_experts, flat_ids), stable=True)  # [TK]
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    order = jnp.argsort(jnp.where(flat_ids < 0, num_experts, flat_ids), stable=True)  # [T*K]
     top_k = topk_ids.shape[1]
     return Dispatched(tokens=h[order // top_k], expert_ids=flat_ids[order], pair_index=order)
 
@@ -211,17 +213,17 @@ def swiglu(x, gate, up, down):
 
 
 def routed_experts(buffer: Dispatched, gate, up, down):
-    """``[TK, H]``: each pair through its expert (weights gathered per pair); -1 pairs give 0."""
-    valid = buffer.expert_ids >= 0  # [TK]
+    """``[T*K, H]``: each pair through its expert (weights gathered per pair); -1 pairs give 0."""
+    valid = buffer.expert_ids >= 0  # [T*K]
     e = jnp.where(valid, buffer.expert_ids, 0)
-    out = swiglu(buffer.tokens, gate[e], up[e], down[e])  # [TK, H] from [TK, H, I] weights
+    out = swiglu(buffer.tokens, gate[e], up[e], down[e])  # [T*K, H] from [T*K, H, I] weights
     return jnp.where(valid[:, None], out, 0)
 
 
 def combine(expert_out, pair_index, topk_w):
     """Scatter each pair's weighted output back to its token and sum: ``[T, H]``."""
     num_tokens, top_k = topk_w.shape
-    weighted = expert_out * topk_w.reshape(-1)[pair_index][:, None]  # [TK, H]
+    weighted = expert_out * topk_w.reshape(-1)[pair_index][:, None]  # [T*K, H]
     return jnp.zeros((num_tokens, expert_out.shape[1]), expert_out.dtype).at[
         pair_index // top_k].add(weighted)
 

@@ -19,8 +19,8 @@ Two rules live here, each with its invariant written next to it:
   argument), runs the pure functions under ``jax.enable_x64(True)`` as ``split.py``'s wrappers
   do, and returns a ``ReplayPlan`` of Python ints.
 
-Shape letters: ``G`` = number of captured graphs; ``capture_sizes`` is ``[G]`` int, strictly
-ascending, every entry >= 1.
+``capture_sizes`` is a 1-D int array, one entry per captured graph, strictly ascending, every
+entry >= 1 (no shape letter: ``G`` is expert groups, docs/spec.md, "Shape letters").
 
 ``real_bs == 0`` in DECODE / TARGET_VERIFY is allowed: it is a fully padded replay of the
 smallest graph (every slot is padding; with TBO both children hold 0 real tokens). It is the
@@ -150,8 +150,8 @@ def capture_batch_sizes(*, tbo: bool, max_bs: Optional[int] = None,
 def pick_graph_index(capture_sizes: jax.Array, real_bs) -> jax.Array:
     """Index of the smallest captured size >= real_bs.
 
-    capture_sizes: [G] int, strictly ascending. Defined for 0 <= real_bs <= capture_sizes[-1];
-    a larger real_bs gives G (no graph fits; the wrapper rejects it up front).
+    capture_sizes: 1-D int, strictly ascending. Defined for 0 <= real_bs <= capture_sizes[-1];
+    a larger real_bs gives len(capture_sizes) (no graph fits; the wrapper rejects it up front).
     Invariant: capture_sizes[i] >= real_bs and (i == 0 or capture_sizes[i - 1] < real_bs).
     """
     return jnp.searchsorted(capture_sizes, real_bs, side="left")
@@ -160,7 +160,7 @@ def pick_graph_index(capture_sizes: jax.Array, real_bs) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ReplayPlanArrays:
-    """How a real batch lies in the graph it replays; every field a scalar (or [N] under vmap).
+    """How a real batch lies in the graph it replays; every field a scalar (or 1-D under vmap).
 
     graph_bs: sequences of the graph; num_tokens = graph_bs * token_num_per_seq its tokens.
     num_token_non_padded = real_bs * token_num_per_seq: the real tokens, at the front.
@@ -187,7 +187,7 @@ class ReplayPlanArrays:
 def replay_plan_arrays(capture_sizes: jax.Array, real_bs, token_num_per_seq) -> ReplayPlanArrays:
     """The replay plan of ``real_bs`` sequences of ``token_num_per_seq`` tokens each.
 
-    capture_sizes: [G] int, strictly ascending; 0 <= real_bs <= capture_sizes[-1];
+    capture_sizes: 1-D int, strictly ascending; 0 <= real_bs <= capture_sizes[-1];
     token_num_per_seq >= 1 (IDLE passes 1: it replays as DECODE).
     Invariants:
     - graph_bs = capture_sizes[pick_graph_index(...)], the smallest captured size >= real_bs;

@@ -11,8 +11,8 @@ A child of a split is a ``Child``; the PyTorch side's is a ``TboChild`` with the
 The two classes never compare equal (``==`` is False across them): compare ``as_tuple()``,
 the plain-Python tuple that both return, equal exactly when the splits are.
 
-Shape letters: ``S`` = sequence slots of a padded batch (valid ones first, ``num_seqs`` of
-them; padded slots hold 0). Padded slots never change a result.
+Shape letters (docs/spec.md, "Shape letters"): ``B`` = sequence slots of a padded batch
+(valid ones first, ``num_seqs`` of them; padded slots hold 0). Padded slots never change a result.
 
 Precision: the two-chunk test compares an integer with ``total * threshold``, exactly as the
 Python rule does in float64. The wrappers therefore run under ``jax.enable_x64(True)``;
@@ -78,15 +78,15 @@ def _mode_code(mode: ForwardMode) -> int:
 def balanced_split_index(extend_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
     """The balanced split of EXTEND: the walk of docs/spec.md, "Split sequence index", literally.
 
-    extend_lens: [S] int, valid entries first (all >= 1), padded with 0.
+    extend_lens: [B] int, valid entries first (all >= 1), padded with 0.
     Walk i = 1 .. num_seqs-1 with left = sum(extend_lens[:i]) and diff = |left - (total-left)|;
     keep the last i whose diff is <= the best so far, stop at the first larger diff.
     Returns the kept i, or 0 when there is no i to walk (one sequence).
     """
     total = jnp.sum(extend_lens)
-    lefts = jnp.cumsum(extend_lens)[:-1]  # [S-1]: lefts[i-1] = sum(extend_lens[:i])
+    lefts = jnp.cumsum(extend_lens)[:-1]  # [B-1]: lefts[i-1] = sum(extend_lens[:i])
     diffs = jnp.abs(2 * lefts - total)  # |left - (total - left)|
-    steps = jnp.arange(1, extend_lens.shape[0])  # [S-1]: the i of each step
+    steps = jnp.arange(1, extend_lens.shape[0])  # [B-1]: the i of each step
 
     def walk(carry, step):
         best_index, best_diff, stopped = carry
@@ -161,10 +161,10 @@ def children_num_token_non_padded(split_token_index, num_token_non_padded):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChildArrays:
-    """One child of a split, padded to the parent's S slots (valid slots first, the rest 0).
+    """One child of a split, padded to the parent's ``B`` sequence slots (valid first, the rest 0).
 
     seq_start/seq_end, token_start/token_end: the child's ranges in the parent.
-    seq_lens, extend_seq_lens, extend_prefix_lens, extend_start_loc: [S], child-relative.
+    seq_lens, extend_seq_lens, extend_prefix_lens, extend_start_loc: [B], child-relative.
     """
 
     seq_start: jax.Array
@@ -178,7 +178,7 @@ class ChildArrays:
 
 
 def _child_window(values, start, end):
-    """values[start:end] moved to the front of an [S] array, zeros after (shape-static)."""
+    """values[start:end] moved to the front of a [B] array, zeros after (shape-static)."""
     slots = jnp.arange(values.shape[0])
     src = start + slots
     taken = jnp.take(values, jnp.clip(src, 0, values.shape[0] - 1))
@@ -249,9 +249,9 @@ def derive_uniform_children(seq_lens, num_seqs, token_num_per_seq):
 
 
 def dp_tbo_decision(can_run, mode_codes, dp_rule: str = DEFAULT_DP_RULE):
-    """Data-parallel agreement over R ranks, under the rule ``dp_rule`` (static).
+    """Data-parallel agreement over N ranks, under the rule ``dp_rule`` (static).
 
-    can_run: [R] bool; mode_codes: [R] int (a mode's index in ForwardMode), -1 for an idle rank.
+    can_run: [N] bool; mode_codes: [N] int (a mode's index in ForwardMode), -1 for an idle rank.
     Returns (run_tbo, global_mode_code); the code is -1 when TBO does not run.
     TBO runs iff every rank can run it, some rank is not idle, and all non-idle ranks agree;
     under "idle_as_decode" an idle rank first becomes a DECODE rank.

@@ -3,8 +3,9 @@
 The math contract is ``docs/model.md``. This module imports no framework so that the JAX
 spec and the PyTorch twin initialise from the very same float32 arrays.
 
-Shape letters: ``V`` vocabulary, ``H`` hidden, ``N`` heads, ``D`` head dim, ``E`` routed
-experts, ``I`` expert intermediate size, ``X`` shared experts (``num_shared_experts``, may be 0).
+Shape letters (docs/spec.md, "Shape letters"): ``V`` vocabulary, ``H`` hidden, ``Q`` heads,
+``D`` head dim, ``E`` routed experts, ``I`` expert intermediate size, ``X`` shared experts
+(``num_shared_experts``, may be 0).
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ class ModelConfig:
 
     num_layers: int = 2
     hidden_size: int = 64  # H
-    num_heads: int = 4  # N
+    num_heads: int = 4  # Q
     head_dim: int = 16  # D
     num_experts: int = 8  # E
     top_k: int = 2  # K
-    num_shared_experts: int = 1
+    num_shared_experts: int = 1  # X
     intermediate_size: int = 32  # I
     vocab_size: int = 128  # V
     scoring: str = "softmax"
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     routing: str = "top_k"
-    n_group: int = 1  # expert groups (group-limited routing only)
+    n_group: int = 1  # G, expert groups (group-limited routing only)
     topk_group: int = 1  # groups kept per token (group-limited routing only)
     routed_scaling_factor: float = 1.0  # routed weights' scale (group-limited routing only)
 
@@ -144,7 +145,7 @@ def init_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     """Draw all weights (float32) from ``numpy.random.default_rng(seed)`` in the listed order.
 
     Norm weights (1-D): ``1 + normal(0, 0.1)``. Matrices: ``normal(0, 1/sqrt(fan_in))`` where
-    ``fan_in = shape[-2]``, the contracted axis of ``x @ W`` (also for ``embed [V, H]``, whose
+    ``fan_in = shape[-2]``, the contracted axis of ``x @ w`` (also for ``embed [V, H]``, whose
     fan_in is therefore ``V``, and for stacked ``[E, H, I]`` expert weights, whose fan_in is H).
     The correction bias ``[E]`` of group-limited routing (drawn only under
     ``routing="group_limited"``, so other configs draw exactly what they drew before it

@@ -11,17 +11,17 @@ rule (docs/model.md):
 
 Two backends compute it, and must agree (``parity_tests/test_sdpa_attention.py``):
 
-- ``TorchAttnBackend``, the readable reference: every token gathers its own ``[L, N, D]``
-  keys and values and the softmax runs in float32. Memory ``T * L``: fine for tests, not for
+- ``TorchAttnBackend``, the readable reference: every token gathers its own ``[W, Q, D]``
+  keys and values and the softmax runs in float32. Memory ``T * W``: fine for tests, not for
   thousands of cached tokens at hundreds of sequences.
-- ``SdpaAttnBackend``, the serving path: one gather of ``[B, L, N, D]`` per *sequence* in the
+- ``SdpaAttnBackend``, the serving path: one gather of ``[B, W, Q, D]`` per *sequence* in the
   pool's dtype, then ``torch.nn.functional.scaled_dot_product_attention`` (flash or
   memory-efficient kernels on a GPU) with the same visibility rule as a boolean mask. It
   captures in CUDA graphs (DECODE, TARGET_VERIFY) and runs EXTEND eagerly.
 
-Shape letters: ``T`` tokens, ``B`` sequences, ``L`` table columns read, ``N`` heads, ``D``
-head dim, ``Q`` query rows per sequence (1 in DECODE, the draft count in TARGET_VERIFY, the
-longest new run in EXTEND).
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens, ``B`` sequences, ``W`` table
+columns read, ``Q`` heads, ``D`` head dim, ``U`` query rows per sequence (1 in DECODE, the
+draft count in TARGET_VERIFY, the longest new run in EXTEND).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from torch_impl.kv_cache import KVPool
 
 @dataclasses.dataclass
 class AttnMetadata:
-    table_slots: torch.Tensor  # [T, L] pool slot of every column a token may read
-    allowed: torch.Tensor  # [T, L] bool
+    table_slots: torch.Tensor  # [T, W] pool slot of every column a token may read
+    allowed: torch.Tensor  # [T, W] bool
 
 
 def _extend_positions(batch: ForwardBatch) -> tuple:
@@ -92,7 +92,7 @@ def _uniform_allowed(batch: ForwardBatch, columns: torch.Tensor):
     visible = seq_len + per_seq  # [T] columns of the token's mask row
     row_start = offsets[seq_of_token] + (token % per_seq) * visible  # [T]
     flat = (row_start[:, None] + columns[None, :]).clamp(max=spec.custom_mask.numel() - 1)
-    in_row = columns[None, :] < visible[:, None]  # [T, L]
+    in_row = columns[None, :] < visible[:, None]  # [T, W]
     return seq_of_token, in_row & spec.custom_mask[flat]
 
 
@@ -156,10 +156,10 @@ class TorchAttnBackend:
         self.metadata = build_metadata(batch, width)
 
     def forward(self, q, k, v, *, layer: int, batch: ForwardBatch) -> torch.Tensor:
-        """q, k, v: ``[T, N, D]`` -> ``[T, N, D]``. Writes this layer's k, v first."""
+        """q, k, v: ``[T, Q, D]`` -> ``[T, Q, D]``. Writes this layer's k, v first."""
         pool: KVPool = batch.kv_pool
         pool.write(layer, batch.out_cache_loc, k, v)
-        keys, values = pool.gather(layer, self.metadata.table_slots)  # [T, L, N, D]
+        keys, values = pool.gather(layer, self.metadata.table_slots)  # [T, W, Q, D]
         scores = torch.einsum("tnd,tlnd->tnl", q.float(), keys.float())
         scores = scores / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~self.metadata.allowed[:, None, :], float("-inf"))
@@ -171,20 +171,20 @@ class TorchAttnBackend:
 class SdpaPlan:
     """What ``SdpaAttnBackend`` needs per step; built once, read by every layer.
 
-    ``slots [B, L]``: the pool slot of each sequence's table columns. ``mask [B, 1, Q, L]``
+    ``slots [B, W]``: the pool slot of each sequence's table columns. ``mask [B, 1, U, W]``
     bool, or None with ``causal``: which columns each query row sees. ``query_index``: None
-    when the ``T`` tokens are already ``[B, Q]`` in order (DECODE, TARGET_VERIFY); in EXTEND
-    ``(seq [T], offset [T])``, where token t sits in the padded ``[B, Q]`` grid."""
+    when the ``T`` tokens are already ``[B, U]`` in order (DECODE, TARGET_VERIFY); in EXTEND
+    ``(seq [T], offset [T])``, where token t sits in the padded ``[B, U]`` grid."""
     slots: torch.Tensor
     mask: Optional[torch.Tensor]
     causal: bool
-    rows: int  # Q
+    rows: int  # U
     query_index: Optional[tuple]
 
 
 def _uniform_plan(batch: ForwardBatch, width: Optional[int]) -> SdpaPlan:
-    """DECODE and TARGET_VERIFY: the ``[T, L]`` visibility of ``_uniform_allowed`` is already
-    ``[B, Q, L]`` in token order (sequence-major, ``Q`` rows each), so it is only reshaped.
+    """DECODE and TARGET_VERIFY: the ``[T, W]`` visibility of ``_uniform_allowed`` is already
+    ``[B, U, W]`` in token order (sequence-major, ``U`` rows each), so it is only reshaped.
     Graph-safe: device tensors only, shapes from the token and column counts."""
     if width is None:
         width = context_width(batch)
@@ -193,14 +193,14 @@ def _uniform_plan(batch: ForwardBatch, width: Optional[int]) -> SdpaPlan:
         else 1
     num_seqs = batch.num_tokens // per_seq
     columns = torch.arange(width, device=batch.input_ids.device)
-    _, allowed = _uniform_allowed(batch, columns)  # [T, L]
-    slots = batch.req_to_token[batch.req_pool_indices[:num_seqs], :width]  # [B, L]
+    _, allowed = _uniform_allowed(batch, columns)  # [T, W]
+    slots = batch.req_to_token[batch.req_pool_indices[:num_seqs], :width]  # [B, W]
     return SdpaPlan(slots, allowed.view(num_seqs, 1, per_seq, width), False, per_seq, None)
 
 
 def _extend_plan(batch: ForwardBatch) -> SdpaPlan:
     """EXTEND (eager: the sizes are read on the host). The new tokens of sequence s are padded
-    into row s of a ``[B, Q]`` grid, ``Q`` the longest run; query row i of s sees columns
+    into row s of a ``[B, U]`` grid, ``U`` the longest run; query row i of s sees columns
     ``j <= prefix[s] + i``. Padding rows (``i >= len[s]``) repeat the last real row's mask, so
     no row is empty (an all-masked row would be NaN); their output is never read. A batch of
     fresh sequences of one length needs no mask: the kernels' own causal rule is the same."""
@@ -210,11 +210,11 @@ def _extend_plan(batch: ForwardBatch) -> SdpaPlan:
     device = batch.input_ids.device
     lens, prefix = batch.extend_seq_lens, batch.extend_prefix_lens
     seq, offset = _extend_positions(batch)
-    slots = batch.req_to_token[batch.req_pool_indices, :width]  # [B, L]
+    slots = batch.req_to_token[batch.req_pool_indices, :width]  # [B, W]
     if bool((prefix_cpu == 0).all()) and bool((lens_cpu == rows).all()):
         return SdpaPlan(slots, None, True, rows, (seq, offset))
-    row = torch.minimum(torch.arange(rows, device=device)[None, :], lens[:, None] - 1)  # [B, Q]
-    limit = prefix[:, None] + row  # [B, Q] last visible column
+    row = torch.minimum(torch.arange(rows, device=device)[None, :], lens[:, None] - 1)  # [B, U]
+    limit = prefix[:, None] + row  # [B, U] last visible column
     mask = torch.arange(width, device=device)[None, None, :] <= limit[:, :, None]
     return SdpaPlan(slots, mask[:, None], False, rows, (seq, offset))
 
@@ -236,7 +236,7 @@ REPRODUCIBLE_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 class SdpaAttnBackend:
     """Attention through ``scaled_dot_product_attention`` over keys and values gathered per
     sequence (not per token) in the pool's dtype: the same rule as ``TorchAttnBackend``, in
-    the memory a real context needs (``2 * B * L * N * D`` elements per layer, reused).
+    the memory a real context needs (``2 * B * W * Q * D`` elements per layer, reused).
 
     The gather is the price of a paged table with a dense kernel: it moves the context once
     more than a paged kernel would (docs/gpu-results.md measures it). Numerics: the kernels
@@ -258,11 +258,11 @@ class SdpaAttnBackend:
                      else _uniform_plan(batch, width))
 
     def forward(self, q, k, v, *, layer: int, batch: ForwardBatch) -> torch.Tensor:
-        """q, k, v: ``[T, N, D]`` -> ``[T, N, D]``. Writes this layer's k, v first."""
+        """q, k, v: ``[T, Q, D]`` -> ``[T, Q, D]``. Writes this layer's k, v first."""
         plan = self.plan
         pool: KVPool = batch.kv_pool
         pool.write(layer, batch.out_cache_loc, k, v)
-        keys, values = pool.gather(layer, plan.slots)  # [B, L, N, D] each
+        keys, values = pool.gather(layer, plan.slots)  # [B, W, Q, D] each
         num_seqs, (tokens, heads, dim) = plan.slots.shape[0], q.shape
         if plan.query_index is None:
             grid = q.view(num_seqs, plan.rows, heads, dim)
@@ -270,10 +270,10 @@ class SdpaAttnBackend:
             grid = q.new_zeros(num_seqs, plan.rows, heads, dim)
             grid[plan.query_index] = q
         with sdpa_kernel(list(REPRODUCIBLE_KERNELS)):
-            out = F.scaled_dot_product_attention(  # [B, N, Q, D]
+            out = F.scaled_dot_product_attention(  # [B, Q, U, D]
                 grid.transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
                 values.to(q.dtype).transpose(1, 2), attn_mask=plan.mask, is_causal=plan.causal)
-        out = out.transpose(1, 2)  # [B, Q, N, D]
+        out = out.transpose(1, 2)  # [B, U, Q, D]
         if plan.query_index is None:
             return out.reshape(tokens, heads, dim)
         return out[plan.query_index]

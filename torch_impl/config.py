@@ -21,18 +21,18 @@ CORRECTION_BIAS = "e_score_correction_bias"  # the per-layer weight [E] of group
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 64  # H
-    num_heads: int = 4  # N
+    num_heads: int = 4  # Q
     head_dim: int = 16  # D
     num_experts: int = 8  # E
     top_k: int = 2  # K
-    num_shared_experts: int = 1
+    num_shared_experts: int = 1  # X
     intermediate_size: int = 32  # I
     vocab_size: int = 128  # V
     scoring: str = "softmax"
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     routing: str = "top_k"
-    n_group: int = 1  # expert groups (group-limited routing only)
+    n_group: int = 1  # G, expert groups (group-limited routing only)
     topk_group: int = 1  # groups kept per token (group-limited routing only)
     routed_scaling_factor: float = 1.0  # routed weights' scale (group-limited routing only)
 

@@ -32,8 +32,9 @@ Transports (one interface, the same bytes land in the same slots, so outputs are
   on the copy engines rather than the SMs, and a symmetric-memory barrier (one small kernel)
   says that every peer's copies have landed.
 
-Shape letters: ``T`` tokens of a micro-batch (``T <= C``), ``H`` hidden, ``K`` top-k, ``I``
-expert intermediate size.
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens of a micro-batch (``T <= C``),
+``H`` hidden, ``K`` top-k, ``I`` expert intermediate size, ``J`` rows of a receive buffer per
+local expert.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def fill_send_buffer(rows: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.T
 
 def expert_swiglu(recv: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                   down: torch.Tensor) -> torch.Tensor:
-    """``recv [L, R, H]`` through the local experts ``gate/up [L, H, I], down [L, I, H]``:
-    batched matrix products over each expert's whole row block -> ``[L, R, H]``. The activation
+    """``recv [L, J, H]`` through the local experts ``gate/up [L, H, I], down [L, I, H]``:
+    batched matrix products over each expert's whole row block -> ``[L, J, H]``. The activation
     runs in float32 and is rounded once, as in ``moe.swiglu``."""
     g = torch.bmm(recv, gate).float()
     u = float32_operand(torch.bmm(recv, up))

@@ -12,8 +12,9 @@ its split kind right where it is defined:
 ``batch_splitter.split_fields`` is the one generic splitter that reads these declarations; a
 field without one is an error naming the field, never silently copied.
 
-Shape letters: ``T`` tokens, ``B`` sequences (``batch_size``), ``d`` draft tokens per sequence,
-``M`` = sum over sequences of (seq_len + d) * d, the flattened tree-mask length.
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens, ``B`` sequences (``batch_size``),
+``d`` draft tokens per sequence, ``F`` = sum over sequences of (seq_len + d) * d, the flattened
+tree-mask length.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class VerifyInput:
     draft_token_num: int = shared()
     draft_tokens: Optional[torch.Tensor] = token_axis()  # [T]
     positions: Optional[torch.Tensor] = token_axis()  # [T]
-    custom_mask: Optional[torch.Tensor] = derived(_child_custom_mask)  # [M] bool
+    custom_mask: Optional[torch.Tensor] = derived(_child_custom_mask)  # [F] bool
     # [B] where each sequence's block starts in custom_mask; None: end to end from 0.
     custom_mask_offsets: Optional[torch.Tensor] = seq_axis()
     retrieve_index: Optional[torch.Tensor] = seq_axis()  # [B, d]
@@ -187,7 +188,7 @@ class ForwardBatch:
     # Real (non-padding) tokens: an int eagerly, a 0-dim device tensor in a CUDA graph.
     num_token_non_padded: Any = derived(_child_num_token_non_padded)
     # Pools read (and written) by the pass, shared by both children.
-    req_to_token: Optional[torch.Tensor] = shared()  # [R, L]
+    req_to_token: Optional[torch.Tensor] = shared()  # [R, W]
     kv_pool: Any = shared()
     # Two-batch overlap bookkeeping: set on the parent, reset on the children.
     tbo_split_seq_index: Optional[int] = derived(_not_split_again)

@@ -1,9 +1,9 @@
 """The static device buffers every captured graph reads, and the writes a replay makes into
 them: the real batch in the first rows, padding that touches nothing real behind it.
 
-Shape letters: ``B`` the largest captured batch, ``T`` = ``B * max(token_num_per_seq)``,
-``M`` the tree-mask buffer (``B * d_max * max_context_len`` entries for real blocks, then one
-all-visible scratch block of ``d_max * (1 + d_max)``).
+Shape letters (docs/spec.md, "Shape letters"): ``B`` the largest captured batch, ``T`` =
+``B * max(token_num_per_seq)``, ``F`` the tree-mask buffer (``B * d_max * max_context_len`` entries
+for real blocks, then one all-visible scratch block of ``d_max * (1 + d_max)``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class StaticInputs:
         self.req_pool_indices = ints(max_bs)  # [B]
         self.seq_lens = ints(max_bs)  # [B]
         self.custom_mask_offsets = ints(max_bs)  # [B]
-        self.custom_mask = torch.ones(mask_len, dtype=torch.bool, device=device)  # [M]
+        self.custom_mask = torch.ones(mask_len, dtype=torch.bool, device=device)  # [F]
         self.num_token_non_padded = ints(())  # [] real tokens of the whole graph
 
     @classmethod

@@ -1,7 +1,7 @@
 """The paged KV cache: a request-to-token table and a token-to-KV pool.
 
-- ``req_to_token [R, L] int64``: row r maps a request's positions 0..L-1 to pool slots.
-- ``KVPool.k``, ``KVPool.v`` ``[num_layers, P, N, D]``: keys and values per slot and layer.
+- ``req_to_token [R, W] int64``: row r maps a request's positions 0..W-1 to pool slots.
+- ``KVPool.k``, ``KVPool.v`` ``[num_layers, P, Q, D]``: keys and values per slot and layer.
 
 A forward writes each new token's keys/values at its ``out_cache_loc`` slot, then attention
 reads every visible position through the table. Both micro-batches of a TBO step share the
@@ -17,8 +17,8 @@ import torch
 
 @dataclasses.dataclass
 class KVPool:
-    k: torch.Tensor  # [num_layers, P, N, D]
-    v: torch.Tensor  # [num_layers, P, N, D]
+    k: torch.Tensor  # [num_layers, P, Q, D]
+    v: torch.Tensor  # [num_layers, P, Q, D]
 
     @classmethod
     def empty(cls, num_layers, num_slots, num_heads, head_dim, *, dtype, device) -> "KVPool":
@@ -27,12 +27,12 @@ class KVPool:
                    torch.zeros(shape, dtype=dtype, device=device))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ``[T, N, D]`` of layer ``layer`` at ``slots [T]``."""
+        """Store k, v ``[T, Q, D]`` of layer ``layer`` at ``slots [T]``."""
         self.k[layer, slots] = k.to(self.k.dtype)
         self.v[layer, slots] = v.to(self.v.dtype)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple:
-        """Keys and values at ``slots`` (any shape ``[...]``) -> ``[..., N, D]`` each."""
+        """Keys and values at ``slots`` (any shape ``[...]``) -> ``[..., Q, D]`` each."""
         return self.k[layer][slots], self.v[layer][slots]
 
     def clone(self) -> "KVPool":

@@ -7,8 +7,8 @@ experts, layer output. ``|`` marks a yield point. The plain forward
 runs the list straight through; two-batch overlap steps two micro-batches through the same
 list (``overlap.model_forward_maybe_tbo``). The math is docs/model.md's.
 
-Shape letters: ``T`` tokens, ``H`` hidden, ``N`` heads, ``D`` head dim, ``E`` experts,
-``K`` top-k, ``I`` intermediate, ``V`` vocabulary.
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens, ``H`` hidden, ``Q`` heads, ``D``
+head dim, ``E`` experts, ``K`` top-k, ``I`` intermediate, ``V`` vocabulary.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:
 
 
 def rope(x: torch.Tensor, tables: tuple) -> torch.Tensor:
-    """NeoX rotary of x ``[T, N, D]`` with ``rotary_tables``: ``[x1*cos - x2*sin,
+    """NeoX rotary of x ``[T, Q, D]`` with ``rotary_tables``: ``[x1*cos - x2*sin,
     x2*cos + x1*sin]`` in float32, rounded once to x's dtype.
 
     Computed as ``x*cos + rotate_half(x)*sin`` with ``rotate_half(x) = [x2, x1]``: the same
@@ -136,7 +136,7 @@ class MoEDecoderLayer(nn.Module):
         """Writes this layer's k, v into the cache, then attends through the table (the
         backend's ``forward`` does both), in one stage: docs/spec.md, "Overlapped execution"."""
         out = s.attn_backend.forward(s.pop("q"), s.pop("k"), s.pop("v"), layer=self.layer,
-                                     batch=s.forward_batch)  # [T, N, D]
+                                     batch=s.forward_batch)  # [T, Q, D]
         s.hidden_states = out.flatten(1) @ self.wo
 
     # --- MoE -------------------------------------------------------------------------------

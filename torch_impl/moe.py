@@ -4,9 +4,10 @@ Dispatch and combine are each split into a *launch* half and a *wait* half, so t
 micro-batch's compute can sit between them. ``LocalDispatcher`` does them on one device as
 local permutations; an all-to-all dispatcher across GPUs has the same four methods.
 
-Shape letters: ``T`` tokens, ``H`` hidden, ``E`` experts, ``K`` top-k, ``I`` intermediate,
-``P = T*K`` (token, expert) pairs; for group-limited routing ``G`` expert groups (``n_group``),
-``M`` kept groups (``topk_group``), ``S = E / G`` experts per group.
+Shape letters (docs/spec.md, "Shape letters"): ``T`` tokens, ``H`` hidden, ``E`` experts,
+``K`` top-k, ``I`` intermediate, ``T*K`` (token, expert) pairs; for group-limited routing ``G``
+expert groups (``n_group``) of ``E/G`` experts each, of which ``topk_group`` are kept per
+token.
 """
 
 from __future__ import annotations
@@ -67,16 +68,16 @@ def check_correction_bias(correction_bias, num_experts: int) -> None:
 def group_limited_ids(corrected: torch.Tensor, *, top_k: int, n_group: int,
                       topk_group: int) -> torch.Tensor:
     """``ids [T, K]`` int64 of DeepSeek-V3's group-limited selection on ``corrected [T, E]``:
-    G contiguous groups of S experts, each scored by the sum of its two largest entries; the M
-    best groups kept (lower group id first among equals); the K largest entries of their
-    experts, largest first (lower expert id first among equals); the other groups' experts
-    masked to -inf. The spec's ``group_limited_ids``, with the same order."""
+    G contiguous groups of E/G experts, each scored by the sum of its two largest entries; the
+    ``topk_group`` best groups kept (lower group id first among equals); the K largest
+    entries of their experts, largest first (lower expert id first among equals); the other
+    groups' experts masked to -inf. The spec's ``group_limited_ids``, with the same order."""
     num_tokens, num_experts = corrected.shape
     size = num_experts // n_group
-    grouped = corrected.reshape(num_tokens, n_group, size)  # [T, G, S]
+    grouped = corrected.reshape(num_tokens, n_group, size)  # [T, G, E/G]
     best_two = torch.topk(grouped, 2, dim=-1).values  # [T, G, 2]; only values are read
     group_scores = best_two[..., 0] + best_two[..., 1]  # [T, G]
-    _, kept_groups = top_k_lower_id_first(group_scores, topk_group)  # [T, M]
+    _, kept_groups = top_k_lower_id_first(group_scores, topk_group)  # [T, topk_group]
     kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
     kept_experts = kept[:, :, None].expand(num_tokens, n_group, size).reshape(
         num_tokens, num_experts)  # [T, E]
@@ -109,8 +110,8 @@ def max_ranks_reached(num_experts: int, num_ranks: int, n_group: int, topk_group
     """The most expert-parallel ranks one token's K experts can lie on under group-limited
     routing with experts laid out contiguously (rank r holds experts ``r*L .. r*L + L-1``): the
     spec's function (``reference/moe.py`` explains the bound and the dynamic programme).
-    Group g's ranks are the interval ``[g*S // L, (g*S + S-1) // L]``; a token reaches at most
-    the union of M such intervals, and at most K ranks."""
+    Group g's ranks are the interval ``[g*E/G // L, ((g+1)*E/G - 1) // L]``; a token reaches at
+    most the union of ``topk_group`` such intervals, and at most K ranks."""
     check_group_limited(num_experts, top_k, n_group, topk_group, 1.0)
     if (isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1
             or num_experts % num_ranks):
@@ -248,10 +249,10 @@ class Dispatched:
     """Pairs in expert-major order: pair p of the buffer is (token ``token[p]``, expert
     ``expert[p]``); ``order`` maps buffer rows back to the token-major pair index."""
 
-    hidden: torch.Tensor  # [P, H]
-    expert: torch.Tensor  # [P] int64, -1 for padding pairs (sorted last)
-    weight: torch.Tensor  # [P] routing weight of each pair
-    order: torch.Tensor  # [P] token-major pair index of each buffer row
+    hidden: torch.Tensor  # [T*K, H]
+    expert: torch.Tensor  # [T*K] int64, -1 for padding pairs (sorted last)
+    weight: torch.Tensor  # [T*K] routing weight of each pair
+    order: torch.Tensor  # [T*K] token-major pair index of each buffer row
     num_tokens: int
 
 
@@ -279,7 +280,7 @@ class LocalDispatcher:
         num_tokens, top_k = topk_ids.shape
         flat_ids = topk_ids.flatten()
         sort_key = torch.where(flat_ids < 0, self.num_experts, flat_ids)  # padding last
-        order = torch.argsort(sort_key, stable=True)  # [P]
+        order = torch.argsort(sort_key, stable=True)  # [T*K]
         token = order // top_k
         return Dispatched(hidden[token], flat_ids[order], topk_weights.flatten()[order], order,
                           num_tokens)
@@ -292,7 +293,7 @@ class LocalDispatcher:
         return routed_experts(dispatched, gate, up, down)
 
     def combine_launch(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        """expert_out [P, H] (buffer order) -> routed [T, H] float32: the weighted sum over each
+        """expert_out [T*K, H] (buffer order) -> routed [T, H] float32: the weighted sum over each
         token's K pairs, accumulated in float32."""
         weighted = float32_operand(expert_out) * dispatched.weight[:, None]
         token_major = torch.empty_like(weighted)
@@ -304,7 +305,7 @@ class LocalDispatcher:
 
 
 def routed_experts(dispatched: Dispatched, gate, up, down) -> torch.Tensor:
-    """Each buffer row through its expert's SwiGLU: [P, H]. Padding pairs compute nothing
+    """Each buffer row through its expert's SwiGLU: [T*K, H]. Padding pairs compute nothing
     that is kept (their weight is 0) and are counted in no expert's load."""
     expert = dispatched.expert.clamp(min=0)
     out = swiglu(dispatched.hidden, gate[expert], up[expert], down[expert])

@@ -110,7 +110,7 @@ def packed_receive_map(recv_counts: torch.Tensor, region: int) -> tuple:
 
 def fill_packed_recv(recv_rows: torch.Tensor, received: torch.Tensor,
                      row_of: torch.Tensor) -> None:
-    """``recv_rows[:N*S]`` (of ``[R >= N*S, H]``) <- every real row of ``received [N, S, H]``
+    """``recv_rows[:N*S]`` (of ``[J, H]``, ``J >= N*S``) <- every real row of ``received [N, S, H]``
     at ``row_of``. A gather, not a scatter: each recv row looks up the received row that lands
     on it (an int64 scatter of ``N*S`` indices first), so the wide copy runs as a vectorised
     gather, about twice the bandwidth of an indexed put of the rows on an H200. Rows past the
@@ -158,12 +158,12 @@ def _grouped_mm(x, weight, group_ends):
 
 
 def padded_expert_rows(group_ends: torch.Tensor, rows: int, per_expert: int) -> torch.Tensor:
-    """``[R]`` int64: row ``j`` of ``recv`` at row ``l*P + (j - start_l)`` of an ``[L, P]``
-    expert-padded block (``P = per_expert`` rows per expert), or ``L*P`` (a scratch row) past
-    the last group end."""
+    """``[J]`` int64: row ``j`` of ``recv`` at row ``l*per_expert + (j - start_l)`` of an
+    ``[L, per_expert]`` expert-padded block (``per_expert`` rows per expert), or
+    ``L*per_expert`` (a scratch row) past the last group end."""
     ends = group_ends.to(torch.int64)
     j = torch.arange(rows, device=ends.device)
-    expert = torch.searchsorted(ends, j, right=True)  # [R]: l with ends[l-1] <= j < ends[l]
+    expert = torch.searchsorted(ends, j, right=True)  # [J]: l with ends[l-1] <= j < ends[l]
     valid = expert < ends.shape[0]
     l_safe = expert.clamp(max=ends.shape[0] - 1)
     starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
@@ -173,7 +173,7 @@ def padded_expert_rows(group_ends: torch.Tensor, rows: int, per_expert: int) -> 
 
 def grouped_swiglu(recv: torch.Tensor, group_ends: torch.Tensor, gate: torch.Tensor,
                    up: torch.Tensor, down: torch.Tensor, *, per_expert: int) -> torch.Tensor:
-    """``out [R, H]``: row ``j`` of ``recv [R, H]`` through the SwiGLU of the local expert
+    """``out [J, H]``: row ``j`` of ``recv [J, H]`` through the SwiGLU of the local expert
     whose group holds it (``group_ends [L]`` int32, device-side; ``gate, up [L, H, I]``,
     ``down [L, I, H]``). Rows past the last group end are left undefined (zero on the grouped
     GEMM path); nobody reads them. The activation runs in float32 and is rounded once, as in
@@ -183,7 +183,7 @@ def grouped_swiglu(recv: torch.Tensor, group_ends: torch.Tensor, gate: torch.Ten
     grouped GEMMs over the real rows only (waste: tile rounding). Otherwise (a small step; a
     CPU, float32, older GPUs) the same semantics through a batched matmul over an
     expert-padded block of ``per_expert`` rows per expert (at most ``N*C``): no host reads,
-    so it captures too; it computes ``L*P`` rows, no more than one tile per expert in a
+    so it captures too; it computes ``L*per_expert`` rows, no more than one tile per expert in a
     small step (``uses_grouped_gemm``)."""
     if uses_grouped_gemm(recv, per_expert, gate, up, down):
         g = _grouped_mm(recv, gate, group_ends).float()
