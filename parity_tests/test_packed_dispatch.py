@@ -310,3 +310,51 @@ def test_the_grouped_gemm_path_agrees_with_the_fallback_and_replays_fresh_group_
     eager = pd.grouped_swiglu(recv, ends, gate, up, down, per_expert=per)
     assert torch.equal(captured[:60], eager[:60])
     assert not torch.equal(captured[:60], grouped[:60])  # the replay used the new ends
+
+
+def _triton_on_gpu() -> bool:
+    from torch_impl import packed_kernels
+
+    return torch.cuda.is_available() and packed_kernels.triton is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _triton_on_gpu(), reason="needs a CUDA device and Triton")
+def test_the_triton_index_passes_equal_the_torch_passes_bit_for_bit():
+    """``packed_kernels`` computes the slots, counts and receive map the torch passes compute
+    (integers: equal, not close), on random routings with padding, every rank and expert
+    count up to DeepSeek-V3's 128 local experts, from no token to 4096; and a captured graph
+    of the kernels replays fresh routings."""
+    from torch_impl import packed_kernels as pk
+
+    rng = np.random.default_rng(7)
+    dev = torch.device("cuda")
+    shapes = [(1, 8, 8, 32), (2, 8, 8, 256), (2, 128, 8, 32), (4, 8, 8, 4096), (3, 5, 4, 0),
+              (2, 3, 6, 1), (1, 1, 1, 17)]
+    for n, local, top_k, tokens in shapes:
+        experts = n * local
+        ids = np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)]) \
+            if tokens else np.zeros((0, top_k), dtype=np.int64)
+        ids[rng.random(tokens) < 0.2] = -1
+        topk_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        got, want = pk.packed_slots(topk_ids, n, experts), pd.packed_slots(topk_ids, n,
+                                                                          experts)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w), (n, local, top_k, tokens)
+        region = pd.region_rows(max(tokens, 1), top_k, local)
+        received = want[2][torch.tensor(rng.integers(0, n, n), device=dev)]
+        for g, w in zip(pk.packed_receive_map(received, region),
+                        pd.packed_receive_map(received, region)):
+            assert g.dtype == w.dtype and torch.equal(g, w), (n, local, top_k, tokens)
+    topk_ids = torch.tensor(np.stack([rng.permutation(16)[:8] for _ in range(64)]),
+                            device=dev)
+    graph = torch.cuda.CUDAGraph()
+    pk.packed_slots(topk_ids, 2, 16)  # compiled before the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = pk.packed_slots(topk_ids, 2, 16)
+    topk_ids.copy_(torch.tensor(np.stack([rng.permutation(16)[:8] for _ in range(64)])))
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(captured, pd.packed_slots(topk_ids, 2, 16)):
+        assert torch.equal(g, w)

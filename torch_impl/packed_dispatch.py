@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from torch_impl import packed_kernels
 from torch_impl.expert_parallel import EPHandle, ExpertParallelDispatcher, expert_swiglu
 from torch_impl.moe import float32_operand
 
@@ -344,7 +345,10 @@ class PackedDispatcher(ExpertParallelDispatcher):
     @staticmethod
     def pack(rows, counts_out, hidden, topk_ids, num_ranks, num_experts, region) -> tuple:
         """The slots, the counts (into ``counts_out``) and the send buffer; ``(dest, slot)``."""
-        dest, slot, counts = packed_slots(topk_ids, num_ranks, num_experts)
+        # the same values from three Triton kernels on a GPU, from the torch passes elsewhere
+        slots = packed_kernels.packed_slots if packed_kernels.available(topk_ids) \
+            else packed_slots
+        dest, slot, counts = slots(topk_ids, num_ranks, num_experts)
         counts_out.copy_(counts)
         fill_packed_send(rows, hidden, dest, slot, region)
         return dest, slot
@@ -366,8 +370,9 @@ class PackedDispatcher(ExpertParallelDispatcher):
 
     def _receive(self, handle: EPHandle, received, bufs) -> None:
         self.transport.finish(handle.work)
-        handle.row_of, handle.group_ends = packed_receive_map(bufs["recv_counts"],
-                                                              received.shape[1])
+        receive_map = packed_kernels.packed_receive_map \
+            if packed_kernels.available(received) else packed_receive_map
+        handle.row_of, handle.group_ends = receive_map(bufs["recv_counts"], received.shape[1])
         fill_packed_recv(bufs["recv"], received, handle.row_of)
         # the step's N*S rows, not the buffer's (sized for max_capacity): the experts' work
         # and its index passes scale with the step
