@@ -213,6 +213,33 @@ def _timed(fn, repeats: int, device) -> tuple:
     return issue, wall
 
 
+def _step_row(args, fn, name: str, device) -> dict:
+    """One step's host figures: issue and wall times, aten ops, views, host syncs, and (for
+    ``--profile``) a cProfile table."""
+    for _ in range(3):
+        fn()
+    issue, wall = _timed(fn, args.repeats, device)
+    counter, syncs = _counting_mode(), collections.Counter()
+    with counter, _ToListSpy(syncs):
+        fn()
+    syncs.update(counter.syncs)
+    row = {"host_ms": statistics.median(issue), "host_ms_min": min(issue),
+           "wall_ms": statistics.median(wall),
+           "aten_ops": sum(counter.ops.values()), "views": counter.views,
+           "top_ops": counter.ops.most_common(12),
+           "sync_candidates": sum(syncs.values()), "syncs": dict(syncs)}
+    if args.profile == name:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.repeats):
+            fn()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
+        row["cprofile"] = text.getvalue()
+    return row
+
+
 def measure(args) -> dict:
     import torch
     import torch.distributed as dist
@@ -254,29 +281,7 @@ def measure(args) -> dict:
         ob.use_dispatcher(model, exchanging)
         digest = _digest(fn())
         ob.use_dispatcher(model, silent)
-        for _ in range(3):
-            fn()
-        issue, wall = _timed(fn, args.repeats, device)
-        counter, syncs = _counting_mode(), collections.Counter()
-        with counter, _ToListSpy(syncs):
-            fn()
-        syncs.update(counter.syncs)
-        row = {"host_ms": statistics.median(issue), "host_ms_min": min(issue),
-               "wall_ms": statistics.median(wall),
-               "aten_ops": sum(counter.ops.values()), "views": counter.views,
-               "top_ops": counter.ops.most_common(12),
-               "sync_candidates": sum(syncs.values()), "syncs": dict(syncs),
-               "digest": digest}
-        if args.profile == name:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.repeats):
-                fn()
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
-            row["cprofile"] = text.getvalue()
-        result["steps"][name] = row
+        result["steps"][name] = _step_row(args, fn, name, device) | {"digest": digest}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dist.barrier()

@@ -333,10 +333,10 @@ class SilentPacked:
         del works
 
 
-def make_dispatcher(cfg, transport: str, *, layout: str, max_capacity, device, dtype,
-                    group=None, comm_stream=None):
-    """A dispatcher of ``layout`` for ``transport``: a name, or "none" for the layout's
-    transport that moves nothing."""
+def make_dispatcher(cfg, transport: str, *, layout: str = "packed", max_capacity, device,
+                    dtype, group=None, comm_stream=None):
+    """A dispatcher of ``layout`` (the packed one by default) for ``transport``: a name, or
+    "none" for the layout's transport that moves nothing."""
     from torch_impl.packed_dispatch import make_dispatcher as make
 
     silent = {"packed": SilentPacked, "capacity": SilentTransport}[layout]
@@ -1256,36 +1256,10 @@ def layout_lines(report: dict) -> list:
     return lines
 
 
-def markdown(report: dict) -> str:
-    env = report["env"]
-    lines = [
-        "# Two-batch overlap of the expert-parallel exchange: measured",
-        "",
-        f"{env['date']}, {env['world_size']} x {env['gpu']}, torch {env['torch']} (CUDA "
-        f"{env['cuda']}), NCCL {env['nccl']}, commit `{env['commit']}`. Produced by "
-        "`benchmarks/overlap.py`; every figure is a median (see its docstring). Model: "
-        f"DeepSeek-V3 MoE slice, hidden {HIDDEN}, top-{TOP_K} of {env['experts_per_rank']} "
-        f"experts per rank ({env['routing']} routing), expert intermediate {INTERMEDIATE}, one "
-        f"shared expert, {env['layers']} "
-        f"layers, {HEADS} heads of {HEAD_DIM}, bfloat16, `{env['attention']}` attention; "
-        f"decode in CUDA graphs at {env['context']} (and {env['long_context']}) cached tokens "
-        f"per sequence; prefill eager, fresh sequences of {env['prefill_seq_len']} tokens. "
-        "Expert layouts (docs/model.md): `packed` (the default: only the real pairs are "
-        "computed, regions of `C*min(K, L)` rows per peer) and `capacity` (the old baseline: "
-        "every local expert computes, and every exchange moves, all `N*C` rows of its block).",
-        "",
-        "## The links", "",
-        "| link | all_to_all of 64 MB per rank, ms | GB/s leaving each GPU |", "|---|---|---|"]
-    for link, bw in report["link_bandwidth"].items():
-        if bw:
-            lines.append(f"| {link} | {bw['ms']:.3f} | {bw['gb_per_s']:.1f} |")
-    if report.get("copy_bandwidth"):
-        lines.append(f"| device copy, 1 GiB (read + write) | "
-                     f"{report['copy_bandwidth']['ms']:.3f} | "
-                     f"{report['copy_bandwidth']['gb_per_s']:.0f} |")
-    lines += ["", "## Decode (CUDA graphs)", ""] + DECODE_HEADER
-    lines += [_decode_line(r) for r in report["decode"]]
-    lines += layout_lines(report)
+def extra_lines(report: dict) -> list:
+    """The prefill table, the labelled extras (NCCL's SM trade, the emulated link) and the
+    replayed step's profile, where the report has them."""
+    lines = []
     if report["prefill"]:
         lines += ["", "## Prefill (eager, EXTEND)", "",
                   "`none` is a transport that moves nothing: the compute alone.", "",
@@ -1317,6 +1291,40 @@ def markdown(report: dict) -> str:
                   f"{graph.get('kernels')} kernels, {graph.get('nccl_kernels')} NCCL kernels "
                   f"for {graph.get('exchanges')} exchanges"
                   + (f"; {graph['error']}" if graph.get("error") else "")]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        "# Two-batch overlap of the expert-parallel exchange: measured",
+        "",
+        f"{env['date']}, {env['world_size']} x {env['gpu']}, torch {env['torch']} (CUDA "
+        f"{env['cuda']}), NCCL {env['nccl']}, commit `{env['commit']}`. Produced by "
+        "`benchmarks/overlap.py`; every figure is a median (see its docstring). Model: "
+        f"DeepSeek-V3 MoE slice, hidden {HIDDEN}, top-{TOP_K} of {env['experts_per_rank']} "
+        f"experts per rank ({env['routing']} routing), expert intermediate {INTERMEDIATE}, one "
+        f"shared expert, {env['layers']} "
+        f"layers, {HEADS} heads of {HEAD_DIM}, bfloat16, `{env['attention']}` attention; "
+        f"decode in CUDA graphs at {env['context']} (and {env['long_context']}) cached tokens "
+        f"per sequence; prefill eager, fresh sequences of {env['prefill_seq_len']} tokens. "
+        "Expert layouts (docs/model.md): `packed` (the default: only the real pairs are "
+        "computed, regions of `C*min(K, L)` rows per peer) and `capacity` (the old baseline: "
+        "every local expert computes, and every exchange moves, all `N*C` rows of its block).",
+        "",
+        "## The links", "",
+        "| link | all_to_all of 64 MB per rank, ms | GB/s leaving each GPU |", "|---|---|---|"]
+    for link, bw in report["link_bandwidth"].items():
+        if bw:
+            lines.append(f"| {link} | {bw['ms']:.3f} | {bw['gb_per_s']:.1f} |")
+    if report.get("copy_bandwidth"):
+        lines.append(f"| device copy, 1 GiB (read + write) | "
+                     f"{report['copy_bandwidth']['ms']:.3f} | "
+                     f"{report['copy_bandwidth']['gb_per_s']:.0f} |")
+    lines += ["", "## Decode (CUDA graphs)", ""] + DECODE_HEADER
+    lines += [_decode_line(r) for r in report["decode"]]
+    lines += layout_lines(report)
+    lines += extra_lines(report)
     lines += ["", "## Crossover and bit-identity", "",
               f"- TBO wins from (tokens per rank, decode, link/context/layout/transport): "
               f"{report['crossover']}",

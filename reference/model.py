@@ -399,11 +399,18 @@ def _model_edges(cfg, w, mode, draft_token_num):
 
 
 def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operation]:
-    """One layer's operations by name, in execution order (the yields are placed by the caller).
+    """One layer's operations by name, in execution order (the yields are placed by the caller):
+    the attention half, then the MoE half.
 
     The names are ``torch_impl.model.MoEDecoderLayer``'s ``op_*`` methods without ``op_``, and
     each does the same work (``parity_tests/test_layout_names.py`` keeps them equal).
     """
+    fns = _attention_operations(cfg, w, layer) + _moe_operations(cfg, w, layer)
+    return {fn.__name__: Operation(f"l{layer}.{fn.__name__}", fn) for fn in fns}
+
+
+def _attention_operations(cfg: ModelConfig, w: dict, layer: int) -> list:
+    """The attention half of a layer: norm, projections, the cache write and attention."""
     p = f"layers.{layer}."
     eps = cfg.rms_eps
 
@@ -423,6 +430,14 @@ def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operat
         o = attend(s.pop("q"), pools.k[layer], pools.v[layer], s.table_rows,
                    s.allowed)  # [T, Q, D]
         s.hidden_states = o.reshape(o.shape[0], cfg.num_heads * cfg.head_dim) @ w[p + "wo"]
+
+    return [attn_input_prep, attn_qkv, attn_core]
+
+
+def _moe_operations(cfg: ModelConfig, w: dict, layer: int) -> list:
+    """The MoE half of a layer: norm, routing, dispatch, experts, combine and the output."""
+    p = f"layers.{layer}."
+    eps = cfg.rms_eps
 
     def mlp_input_prep(s):  # fused residual add + RMSNorm
         residual = s.pop("hidden_states") + s.pop("residual")
@@ -466,10 +481,8 @@ def _layer_operations(cfg: ModelConfig, w: dict, layer: int) -> dict[str, Operat
     def layer_output(s):  # routed + shared: the layer's hidden states (the residual waits)
         s.hidden_states = s.pop("routed_out") + s.pop("shared_out")
 
-    fns = [attn_input_prep, attn_qkv, attn_core, mlp_input_prep, router_gate, select_experts,
-           dispatch_launch, dispatch_wait, routed_experts, combine_launch, combine_wait,
-           shared_experts, layer_output]
-    return {fn.__name__: Operation(f"l{layer}.{fn.__name__}", fn) for fn in fns}
+    return [mlp_input_prep, router_gate, select_experts, dispatch_launch, dispatch_wait,
+            routed_experts, combine_launch, combine_wait, shared_experts, layer_output]
 
 
 # The two published layouts (docs/spec.md, "Overlapped execution"), as names of the operations
