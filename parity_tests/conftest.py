@@ -1,14 +1,45 @@
 """Hypothesis profiles. "default" is what CI runs (2,000 examples per test, unless a test sets
 fewer and says why: 2,000 EXTEND batches for the split properties, 1,000 per uniform mode, whose
 every batch size the exhaustive check covers); "quick" is for local iteration:
-HYPOTHESIS_PROFILE=quick pytest."""
+HYPOTHESIS_PROFILE=quick pytest.
+
+Also: the suite's process settings (below) and its background jobs (parity_tests/background.py).
+"""
 
 import os
 
-from hypothesis import HealthCheck, settings
+# Set before torch and jax are imported, and inherited by every process the tests start; a
+# value already in the environment is kept. The suite's tensors are tiny and it compiles some
+# 2,000 small XLA programs, each run a few times, on 2 cores:
+# - one torch thread: a second one costs more than it brings on tensors this small (a third
+#   less CPU time in test_cuda_graph.py and test_reference_model.py), and the second core is
+#   left to the background jobs;
+# - JAX's quick compile (jax_disable_most_optimizations: XLA's backend optimisation level 0,
+#   no expensive LLVM passes), as parity_tests/model_parity.py already asks for the spec
+#   model: compiling, not running, is where the suite spends its JAX time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from parity_tests import background  # noqa: E402
 
 settings.register_profile(
     "default", max_examples=2000, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("quick", parent=settings.get_profile("default"), max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Before the first test: start the background jobs that the selected tests read
+    (parity_tests/background.py). Not at collection: a process that only collects (a fork
+    server) must not hold their thread."""
+    if not session.config.option.collectonly:
+        background.start(session.items)
+
+
+def pytest_sessionfinish(session):
+    background.stop()

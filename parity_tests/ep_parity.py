@@ -48,12 +48,16 @@ def free_port() -> int:
 
 def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: float,
            env: Optional[dict] = None, module: str = "parity_tests.ep_parity",
-           report_glob: str = "rank{rank}.json") -> list:
+           report_glob: str = "rank{rank}.json", base_env: Optional[dict] = None,
+           stop=None) -> list:
     """Run ``nproc`` ranks of ``module`` (this module's worker by default); return each rank's
-    report, the JSON file ``report_glob`` names in ``out_dir``.
+    report, the JSON file ``report_glob`` names in ``out_dir``. The ranks' environment is
+    ``base_env`` (default this process's) with ``env`` and the rank's variables added;
+    ``stop``: an event (``threading.Event``) that, once set, ends the run as a timeout does.
 
     Raises RuntimeError naming the rank and showing the end of its output if a rank exits
-    non-zero or the run exceeds ``timeout_s``; every rank is killed before it returns."""
+    non-zero, the run exceeds ``timeout_s`` or ``stop`` is set; every rank is killed before it
+    returns."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
     os.makedirs(out_dir, exist_ok=True)
@@ -62,7 +66,7 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
     for rank in range(nproc):
         # one host's cores shared by the ranks (torch's CPU kernels would each take them all)
         rank_env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-        rank_env.update(os.environ)
+        rank_env.update(os.environ if base_env is None else base_env)
         rank_env.update(env or {})
         rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
@@ -71,7 +75,7 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
         logs.append(log)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", module, f"--out_dir={out_dir}", *args],
-            env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            env=rank_env, stdout=log, stderr=subprocess.STDOUT, process_group=0))
     deadline = time.monotonic() + timeout_s
     failure = None
     try:
@@ -83,6 +87,9 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
             if time.monotonic() > deadline:
                 waiting = [r for r, p in enumerate(procs) if p.poll() is None]
                 failure = f"timed out after {timeout_s:.0f} s; ranks {waiting} still running"
+                break
+            if stop is not None and stop.is_set():
+                failure = "stopped before every rank finished"
                 break
             time.sleep(0.05)
         else:

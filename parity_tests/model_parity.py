@@ -50,9 +50,11 @@ def supported_compile_options(candidates: dict) -> dict:
 
 
 # The JAX spec runs jitted per shape with a quick compile: a tiny model gains nothing from
-# XLA's optimisation passes, and compile time dominates a parity run. Built on first use, not
-# at import: probing the options starts JAX's runtime, and a process that only imports this
-# module (a test collection, a fork server) must not hold its threads.
+# XLA's optimisation passes, and compile time dominates a parity run. The program is compiled
+# as one LLVM module, not split for parallel code generation (on 2 cores the split costs more
+# CPU time than it saves: 8% of test_cuda_graph.py and test_reference_model.py's time). Built
+# on first use, not at import: probing the options starts JAX's runtime, and a process that
+# only imports this module (a test collection, a fork server) must not hold its threads.
 _STATIC = ("cfg", "mode", "draft_token_num")
 
 
@@ -60,7 +62,7 @@ _STATIC = ("cfg", "mode", "draft_token_num")
 def fast_compile() -> dict:
     return supported_compile_options(dict(
         xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
-        xla_cpu_use_fusion_emitters=False))
+        xla_cpu_use_fusion_emitters=False, xla_cpu_parallel_codegen_split_count=1))
 
 
 @functools.cache

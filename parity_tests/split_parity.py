@@ -83,7 +83,9 @@ def rejection(side, function: str, args=(), kwargs=None) -> str:
 
 
 def _child_dict(child) -> dict:
-    return dataclasses.asdict(child)
+    """The child's fields by name. Both sides' children are flat (tuples and ints), so this is
+    ``dataclasses.asdict`` without its deep copy (a third of the time of a split check)."""
+    return {field.name: getattr(child, field.name) for field in dataclasses.fields(child)}
 
 
 def side_results(side, case: SplitCase) -> dict:

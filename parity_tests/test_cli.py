@@ -8,24 +8,19 @@ import sys
 
 import pytest
 
-from parity_tests import cli
+from parity_tests import background, cli
 from parity_tests.split_parity import SplitCase
 from torch_impl import two_batch_overlap as impl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def run_process():
-    """`tbo-parity run --cases_per_mode=20`, a process of its own started before this module's
-    first test: its model rows (a JAX compile per scenario, most of its ~15 s) run on a second
-    core beside the module's other tests. test_run_prints_the_table_and_exits_zero, the
-    module's last test, reads it."""
-    process = subprocess.Popen([sys.executable, "-m", "parity_tests.cli", "run",
-                                "--cases_per_mode=20"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    yield process
-    if process.poll() is None:  # its test was deselected, or failed before reading it
-        process.kill()
-    process.communicate()
+@background.job("cli-run",
+                background.reads(__name__, "test_run_prints_the_table_and_exits_zero"))
+def _run_command() -> subprocess.CompletedProcess:
+    """`tbo-parity run --cases_per_mode=20`, a background job (parity_tests/background.py): its
+    model rows (a JAX compile per scenario, most of its ~30 s on 2 cores) run on a second core
+    beside the tests before test_run_prints_the_table_and_exits_zero, which reads it."""
+    return background.command([sys.executable, "-m", "parity_tests.cli", "run",
+                               "--cases_per_mode=20"], timeout=600)
 
 
 def test_run_fails_on_a_planted_bug_and_prints_the_case(monkeypatch, capsys):
@@ -129,20 +124,34 @@ def test_the_docstring_lists_every_command_and_is_the_help_description():
     assert out[start:start + len(usage)] == [f"  {line}" for line in usage]
 
 
-def test_a_closed_stdout_ends_quietly_with_141():
-    """A reader gone before the output (`tbo-parity --help | head -1`, or any command piped into
-    one): no BrokenPipeError traceback, nothing on stderr, exit status 141 (128 + SIGPIPE)."""
+@background.job("cli-closed-stdout",
+                background.reads(__name__, "test_a_closed_stdout_ends_quietly_with_141"))
+def _commands_into_a_closed_pipe() -> list:
+    """(args, exit status, stderr) of commands whose stdout is a pipe with no reader; a
+    background job (parity_tests/background.py): `run` takes 4 s, importing torch and jax."""
     import os
 
     read, write = os.pipe()
     os.close(read)  # closed before the command writes anything: every write fails, no race
     try:
+        results = []
         for args in (["--help"], ["run", "--nomodel", "--cases_per_mode=1"]):
-            result = subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
-                                    stdout=write, stderr=subprocess.PIPE, text=True)
-            assert (result.returncode, result.stderr) == (141, ""), (args, result.stderr)
+            result = background.command([sys.executable, "-m", "parity_tests.cli", *args],
+                                        stdout=write)
+            results.append((args, result.returncode, result.stderr))
+        return results
     finally:
         os.close(write)
+
+
+def test_a_closed_stdout_ends_quietly_with_141():
+    """A reader gone before the output (`tbo-parity --help | head -1`, or any command piped into
+    one): no BrokenPipeError traceback, nothing on stderr, exit status 141 (128 + SIGPIPE)."""
+    results = background.result("cli-closed-stdout")
+    assert [args for args, _, _ in results] == [["--help"],
+                                                ["run", "--nomodel", "--cases_per_mode=1"]]
+    for args, returncode, stderr in results:
+        assert (returncode, stderr) == (141, ""), (args, stderr)
 
 
 @pytest.mark.parametrize("command,target", [
@@ -199,9 +208,10 @@ def test_a_failing_model_row_names_the_comparison_and_prints_a_reproducer(monkey
     assert "model float32 two-chunk" in out and "FAIL" in out
 
 
-def test_run_prints_the_table_and_exits_zero(run_process):
-    stdout, stderr = run_process.communicate(timeout=600)
-    assert run_process.returncode == 0, stderr
+def test_run_prints_the_table_and_exits_zero():
+    result = background.result("cli-run")
+    stdout, stderr = result.stdout, result.stderr
+    assert result.returncode == 0, stderr
     for mode in ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE"):
         assert f"split {mode}" in stdout
     assert "OK" in stdout

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from parity_tests import cli
+from parity_tests import background, cli
 from parity_tests.timeline import intervals_from_json
 
 
@@ -81,12 +83,25 @@ def test_a_failing_expert_parallel_row_fails_the_run(monkeypatch, capsys):
     assert out.rstrip().endswith("FAIL")
 
 
-def test_timeline_writes_a_png_and_its_intervals(tmp_path):
-    out = tmp_path / "pictures" / "step.png"
-    result = _cli("timeline", "--nproc=2", "--tokens=4", f"--out={out}")
+@background.job("cli-timeline",
+                background.reads(__name__, "test_timeline_writes_a_png_and_its_intervals"))
+def _timeline_command() -> tuple:
+    """(result, the PNG's first 8 bytes, the JSON beside it) of `tbo-parity timeline` into a
+    fresh folder; a background job (parity_tests/background.py): 4 s on 2 cores."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = pathlib.Path(folder) / "pictures" / "step.png"
+        result = background.command([sys.executable, "-m", "parity_tests.cli", "timeline",
+                                     "--nproc=2", "--tokens=4", f"--out={out}"])
+        if result.returncode != 0:
+            return result, None, None
+        return result, out.read_bytes()[:8], out.with_suffix(".json").read_text()
+
+
+def test_timeline_writes_a_png_and_its_intervals():
+    result, png_head, intervals_json = background.result("cli-timeline")
     assert result.returncode == 0, result.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    intervals = intervals_from_json(json.loads(out.with_suffix(".json").read_text()))
+    assert png_head == b"\x89PNG\r\n\x1a\n"
+    intervals = intervals_from_json(json.loads(intervals_json))
     # both micro-batches ran every stage of the decode layout in every layer
     assert {i.micro_batch for i in intervals} == {"a", "b"}
     for mb in "ab":
@@ -210,14 +225,24 @@ def test_upstream_is_dispatched_with_its_own_flags():
         assert result.stderr.count("\n") == 1, result.stderr
 
 
-def test_upstream_says_what_it_does_on_stderr_first(tmp_path):
-    """Its first line on stderr names the first phase, printed before that phase's work (the
-    phases themselves: parity_tests/test_upstream.py)."""
+@background.job("cli-upstream",
+                background.reads(__name__, "test_upstream_says_what_it_does_on_stderr_first"))
+def _upstream_command() -> tuple:
+    """(the source file, result) of `tbo-parity upstream` on a faithful module; a background
+    job (parity_tests/background.py): 11 s on 2 cores."""
     from parity_tests.test_upstream import FAITHFUL
 
-    source = tmp_path / "two_batch_overlap.py"
-    source.write_text(FAITHFUL)
-    result = _cli("upstream", f"--sglang_source={source}", "--cases_per_mode=1")
+    with tempfile.TemporaryDirectory() as folder:
+        source = pathlib.Path(folder) / "two_batch_overlap.py"
+        source.write_text(FAITHFUL)
+        return source, background.command([sys.executable, "-m", "parity_tests.cli", "upstream",
+                                           f"--sglang_source={source}", "--cases_per_mode=1"])
+
+
+def test_upstream_says_what_it_does_on_stderr_first():
+    """Its first line on stderr names the first phase, printed before that phase's work (the
+    phases themselves: parity_tests/test_upstream.py)."""
+    source, result = background.result("cli-upstream")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stderr.splitlines()
     assert lines[0].startswith("tbo-parity upstream: computing the spec's outcomes (1 batch per mode")

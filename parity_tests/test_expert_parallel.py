@@ -10,20 +10,36 @@ one device, only batched per expert instead of per pair, so only the summation o
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
-from parity_tests import ep_parity
+from parity_tests import background, ep_parity
 from parity_tests.model_parity import BOUNDS
 
 LAUNCH_TIMEOUT_S = 240  # a 4-rank run takes about 40 s on a 2-core machine
 DISPATCHERS = sorted(ep_parity.DEFAULT_DISPATCHERS)  # layout/transport pairs a CPU run checks
+_launch = ep_parity.launch  # bound now: the launches run beside tests that monkeypatch it
+
+
+def _launched(nproc: int, args=()) -> list:
+    """``ep_parity.launch`` of ``nproc`` ranks with ``args``, as a background job runs it."""
+    with tempfile.TemporaryDirectory(prefix=f"ep{nproc}-") as out_dir:
+        return _launch(nproc, out_dir, args, timeout_s=LAUNCH_TIMEOUT_S,
+                       base_env=background.environ(), stop=background.stopping)
+
+
+# The launches run as background jobs (parity_tests/background.py): each takes 10 to 20 s of
+# waiting on rank processes, which the tests before it fill.
+for _n in (2, 4):
+    background.job(f"ep-{_n}ranks", background.reads(__name__, fixture="reports", param=_n))(
+        lambda n=_n: _launched(n))
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
-def reports(request, tmp_path_factory):
+def reports(request):
     n = request.param
-    return n, ep_parity.launch(n, str(tmp_path_factory.mktemp(f"ep{n}")),
-                               timeout_s=LAUNCH_TIMEOUT_S)
+    return n, background.result(f"ep-{n}ranks")
 
 
 def _rows(reports, check):
@@ -123,14 +139,18 @@ def test_the_transports_of_a_layout_agree_bit_for_bit(reports):
     assert all(row["bitwise_equal"] for _, row in rows), rows
 
 
-def test_a_count_one_row_short_is_caught(tmp_path):
+@background.job("ep-counts-short", background.reads(__name__,
+                                                    "test_a_count_one_row_short_is_caught"))
+def _counts_short_launch() -> list:
+    return _launched(2, ["--fault=counts_short", "--dispatchers=packed/all_to_all,packed/exact",
+                         "--scenarios=decode"])
+
+
+def test_a_count_one_row_short_is_caught():
     """Negative test for the packed layout: rank 0 reports one row fewer for its first
     non-empty (destination, local expert), so that expert's last row is never computed and
     the rows after it are filed under the wrong expert. Both transports, layer and model."""
-    reps = ep_parity.launch(2, str(tmp_path), ["--fault=counts_short",
-                                               "--dispatchers=packed/all_to_all,packed/exact",
-                                               "--scenarios=decode"],
-                            timeout_s=LAUNCH_TIMEOUT_S)
+    reps = background.result("ep-counts-short")
     for transport in ("packed/all_to_all", "packed/exact"):
         layer = [row for _, row in _rows(reps, "layer")
                  if row["tokens"] and row["transport"] == transport]
@@ -140,13 +160,17 @@ def test_a_count_one_row_short_is_caught(tmp_path):
         assert any(row["error"] > BOUNDS["float32"] for row in model), transport
 
 
-def test_a_misrouted_exchange_is_caught(tmp_path):
+@background.job("ep-misrouted", background.reads(__name__,
+                                                 "test_a_misrouted_exchange_is_caught"))
+def _misrouted_launch() -> list:
+    return _launched(2, ["--fault=rotate_destinations", "--dispatchers=capacity/all_to_all",
+                         "--scenarios=decode,extend"])
+
+
+def test_a_misrouted_exchange_is_caught():
     """Negative test: rank 0 sends each destination the block meant for the next rank. The
     layer and model checks must both see it."""
-    reps = ep_parity.launch(2, str(tmp_path), ["--fault=rotate_destinations",
-                                               "--dispatchers=capacity/all_to_all",
-                                               "--scenarios=decode,extend"],
-                            timeout_s=LAUNCH_TIMEOUT_S)
+    reps = background.result("ep-misrouted")
     layer = [row for _, row in _rows(reps, "layer") if row["tokens"]]
     model = [row for _, row in _rows(reps, "model") if row["mode"] != "IDLE"]
     assert any(row["error"] > BOUNDS["float32"] for row in layer)

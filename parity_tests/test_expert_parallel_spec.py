@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, Mesh
 
+from parity_tests import background
 from parity_tests import ep_spec_check as check
 from parity_tests.ep_spec_check import CAPACITY, CASE_NAMES, NUM_EXPERTS, RANKS
 from reference import expert_parallel as ep
@@ -51,14 +51,21 @@ one_device = jax.jit(ep.ep_routed_moe_on_one_device, static_argnames=("num_ranks
 # ---------------------------------------------------------------------------------------------
 
 
+@background.job("ep-spec-mesh", background.reads(__name__, fixture="mesh_run"))
+def _mesh_child() -> subprocess.CompletedProcess:
+    """The child, a background job (parity_tests/background.py): 15 s on 2 cores, which the
+    tests before this module's fill."""
+    xla_flags = background.environ().get("XLA_FLAGS", "")
+    env = dict(JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        xla_flags + f" --xla_force_host_platform_device_count={max(RANKS)}").strip())
+    return background.command([sys.executable, "-m", "parity_tests.ep_spec_check"], cwd=ROOT,
+                              env=env, timeout=CHILD_TIMEOUT_S)
+
+
 @pytest.fixture(scope="module")
 def mesh_run() -> dict:
     """The child's JSON: one record per (ranks, case); fails with the child's stderr."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(RANKS)}"
-    ).strip())
-    result = subprocess.run([sys.executable, "-m", "parity_tests.ep_spec_check"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    result = background.result("ep-spec-mesh")
     if result.returncode != 0:
         pytest.fail(f"ep_spec_check exited {result.returncode}:\n{result.stderr}")
     return json.loads(result.stdout)

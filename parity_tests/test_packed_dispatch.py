@@ -110,22 +110,23 @@ def test_buffers_equal_the_spec_and_outputs_one_device(simulated_dist, ranks, to
         h_all = jnp.asarray(torch.cat([_pad(h, MAX_CAPACITY) for h, _, _ in per_rank]).numpy())
         ids_all = jnp.asarray(torch.cat([_pad(i, MAX_CAPACITY) for _, _, i in per_rank]
                                         ).numpy(), jnp.int32)
-        want_recv, want_ends, _ = spec_dispatch_all_ranks(
-            h_all, ids_all, num_ranks=ranks, num_experts=NUM_EXPERTS)
+        # numpy, so that the slicing below compiles nothing (eagerly, each slice length was a
+        # compilation of its own: 120 in this test)
+        want_recv, want_ends, _ = jax.device_get(spec_dispatch_all_ranks(
+            h_all, ids_all, num_ranks=ranks, num_experts=NUM_EXPERTS))
         for r, (send, counts, recv, ends, got) in enumerate(results):
             h, w, ids = per_rank[r]
-            want_send, want_counts = spec_send_buffer(
+            want_send, want_counts = jax.device_get(spec_send_buffer(
                 jnp.asarray(_pad(h, MAX_CAPACITY).numpy()),
                 jnp.asarray(_pad(ids, MAX_CAPACITY).numpy(), jnp.int32),
-                num_ranks=ranks, num_experts=NUM_EXPERTS)
-            np.testing.assert_array_equal(counts.numpy(), np.asarray(want_counts))
+                num_ranks=ranks, num_experts=NUM_EXPERTS))
+            np.testing.assert_array_equal(counts.numpy(), want_counts)
             for dest in range(ranks):  # every real row of every region, bit for bit
                 real = int(counts[dest].sum())
-                np.testing.assert_array_equal(send[dest, :real].numpy(),
-                                              np.asarray(want_send[dest, :real]))
-            np.testing.assert_array_equal(ends.numpy(), np.asarray(want_ends[r]))
+                np.testing.assert_array_equal(send[dest, :real].numpy(), want_send[dest, :real])
+            np.testing.assert_array_equal(ends.numpy(), want_ends[r])
             real = int(ends[-1])
-            np.testing.assert_array_equal(recv[:real].numpy(), np.asarray(want_recv[r, :real]))
+            np.testing.assert_array_equal(recv[:real].numpy(), want_recv[r, :real])
             if ids.shape[0]:
                 want = _one_device(h, w, ids, experts)
                 assert float((got - want).abs().max()) <= 2.0 ** -24 * float(want.abs().max())

@@ -23,7 +23,11 @@ from parity_tests.ep_spec_check import CAPACITY, NUM_EXPERTS
 from reference import expert_parallel as ep
 
 LAYOUT_ARGS = ("num_ranks", "num_experts")
+# Jitted: a case's shapes compile once, where eagerly every primitive compiled per shape (141
+# compilations in test_every_pair_lands_at_the_row_the_rule_names_and_the_rest_is_zero alone).
 packed_dispatch = jax.jit(ep.packed_dispatch_all_ranks, static_argnames=LAYOUT_ARGS)
+packed_send_buffer = jax.jit(ep.packed_send_buffer, static_argnames=LAYOUT_ARGS)
+packed_slots = jax.jit(ep.packed_slots, static_argnames=LAYOUT_ARGS)
 CASES = ["dense", "skewed", "idle_experts", "padded_rank", "padding_pairs", "k_beyond_local"]
 
 
@@ -73,17 +77,17 @@ def test_every_pair_lands_at_the_row_the_rule_names_and_the_rest_is_zero(num_ran
     for s in range(num_ranks):
         rows = slice(s * CAPACITY, (s + 1) * CAPACITY)
         h, ids = data["h"][rows], data["topk_ids"][rows]
-        send, counts = ep.packed_send_buffer(jnp.asarray(h), jnp.asarray(ids),
-                                             num_ranks=num_ranks, num_experts=NUM_EXPERTS)
+        send, counts = packed_send_buffer(jnp.asarray(h), jnp.asarray(ids),
+                                          num_ranks=num_ranks, num_experts=NUM_EXPERTS)
         want_send, want_counts, where = _rule_send(h, ids, num_ranks)
         np.testing.assert_array_equal(np.asarray(send), want_send.astype(send.dtype))
         np.testing.assert_array_equal(np.asarray(counts), want_counts)
-        dest, slot, _ = ep.packed_slots(jnp.asarray(ids), num_ranks=num_ranks,
-                                        num_experts=NUM_EXPERTS)
+        dest, slot, _ = jax.device_get(packed_slots(jnp.asarray(ids), num_ranks=num_ranks,
+                                                    num_experts=NUM_EXPERTS))
         got = {(t, k): (int(dest[t, k]), int(slot[t, k]))
                for t in range(ids.shape[0]) for k in range(ids.shape[1]) if ids[t, k] >= 0}
         assert got == where
-        assert np.all(np.asarray(dest)[ids < 0] == -1) and np.all(np.asarray(slot)[ids < 0] == -1)
+        assert np.all(dest[ids < 0] == -1) and np.all(slot[ids < 0] == -1)
         assert len(set(got.values())) == len(got)  # injective: no two pairs share a row
 
 
@@ -92,13 +96,13 @@ def test_every_pair_lands_at_the_row_the_rule_names_and_the_rest_is_zero(num_ran
 def test_the_receiver_holds_every_real_row_once_expert_source_token_major(num_ranks, case):
     data = check.make_case(case, num_ranks)
     with jax.enable_x64(True):
-        recv, ends, row_of = packed_dispatch(jnp.asarray(data["h"]),
-                                             jnp.asarray(data["topk_ids"]),
-                                             num_ranks=num_ranks, num_experts=NUM_EXPERTS)
+        recv, ends, row_of = jax.device_get(packed_dispatch(
+            jnp.asarray(data["h"]), jnp.asarray(data["topk_ids"]), num_ranks=num_ranks,
+            num_experts=NUM_EXPERTS))  # numpy: indexing below compiles nothing
     for r, (want, want_ends) in enumerate(_rule_recv(data, num_ranks)):
-        np.testing.assert_array_equal(np.asarray(recv[r]), want)
-        np.testing.assert_array_equal(np.asarray(ends[r]), want_ends)
-        mapped = np.asarray(row_of[r])
+        np.testing.assert_array_equal(recv[r], want)
+        np.testing.assert_array_equal(ends[r], want_ends)
+        mapped = row_of[r]
         real = np.sort(mapped[mapped >= 0])
         np.testing.assert_array_equal(real, np.arange(want_ends[-1]))  # a bijection onto rows
 
@@ -123,13 +127,18 @@ def test_the_experts_compute_each_row_with_its_own_expert_and_zero_past_the_end(
 
 def test_the_return_path_sends_each_row_back_to_its_slot():
     data = check.make_case("padding_pairs", 2)
-    with jax.enable_x64(True):
-        h, ids = jnp.asarray(data["h"]), jnp.asarray(data["topk_ids"])
-        recv, _, row_of = packed_dispatch(h, ids, num_ranks=2, num_experts=NUM_EXPERTS)
+    @jax.jit  # one compilation, not one per primitive
+    def back_and_sends(h, ids):
+        recv, _, row_of = ep.packed_dispatch_all_ranks(h, ids, num_ranks=2,
+                                                       num_experts=NUM_EXPERTS)
         back = ep.exchange(jax.vmap(ep.return_rows)(recv, row_of))  # identity experts
         sends, _ = jax.vmap(functools.partial(ep.packed_send_buffer, num_ranks=2,
                                               num_experts=NUM_EXPERTS))(
             h.reshape(2, CAPACITY, -1), ids.reshape(2, CAPACITY, -1))
+        return back, sends
+
+    with jax.enable_x64(True):
+        back, sends = back_and_sends(jnp.asarray(data["h"]), jnp.asarray(data["topk_ids"]))
     np.testing.assert_array_equal(np.asarray(back), np.asarray(sends))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Optional
 
 import jax
@@ -31,7 +32,7 @@ F32_TOL = dict(rtol=1e-5, atol=1e-5)
 # ask XLA for a quick compile: a tiny model gains nothing from optimisation.
 FAST_COMPILE = supported_compile_options(dict(
     xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
-    xla_cpu_use_fusion_emitters=False))
+    xla_cpu_use_fusion_emitters=False, xla_cpu_parallel_codegen_split_count=1))
 STATIC = ("cfg", "mode", "draft_token_num", "dtype")
 jit_forward = jax.jit(M.forward, static_argnames=STATIC, compiler_options=FAST_COMPILE)
 jit_forward_tbo = jax.jit(O.forward_tbo, static_argnames=STATIC + ("children", "executor"),
@@ -243,16 +244,24 @@ def test_dispatch_experts_combine_equals_the_direct_sum():
     w, rng = init_weights(CFG, 8), np.random.default_rng(8)
     gate, up, down = (w[f"layers.0.experts_{n}"] for n in ("gate", "up", "down"))
     h = rng.normal(size=(7, CFG.hidden_size)).astype(np.float32)
-    topk_w, topk_ids = moe.select_experts(h @ w["layers.0.router"], 5, cfg=CFG)
-    buffer = moe.dispatch(h, topk_ids, num_experts=CFG.num_experts)
-    ids = np.asarray(buffer.expert_ids)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # jitted, as everywhere here
+    def routed_path(h, router, gate, up, down):
+        topk_w, topk_ids = moe.select_experts(h @ router, 5, cfg=CFG)
+        buffer = moe.dispatch(h, topk_ids, num_experts=CFG.num_experts)
+        routed = moe.combine(moe.routed_experts(buffer, gate, up, down), buffer.pair_index,
+                             topk_w)
+        return topk_w, topk_ids, buffer.expert_ids, routed
+
+    topk_w, topk_ids, ids, routed = jax.device_get(
+        routed_path(h, w["layers.0.router"], gate, up, down))
     assert (np.diff(np.where(ids < 0, CFG.num_experts, ids)) >= 0).all()  # expert-major
-    routed = moe.combine(moe.routed_experts(buffer, gate, up, down), buffer.pair_index, topk_w)
+    swiglu = jax.jit(moe.swiglu, compiler_options=FAST_COMPILE)
     direct = np.zeros_like(h)
     for t in range(5):
         for k in range(CFG.top_k):
             e = int(topk_ids[t, k])
-            expert_out = moe.swiglu(h[t], gate[e], up[e], down[e])
+            expert_out = swiglu(h[t], gate[e], up[e], down[e])
             direct[t] += float(topk_w[t, k]) * np.asarray(expert_out)
     close(routed, direct)
 

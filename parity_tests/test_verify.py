@@ -10,12 +10,16 @@ every replay pair up to 256.
 
 from __future__ import annotations
 
+import pathlib
+import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
+from parity_tests import background
 from parity_tests import exhaustive as ex
 from parity_tests.split_parity import split_mismatches
 from reference import split as spec
@@ -28,12 +32,30 @@ def _extend_count(max_seqs: int, max_len: int) -> int:
     return sum(max_len ** n for n in range(1, max_seqs + 1))
 
 
+@background.job("verify-ci-bounds",
+                background.reads(__name__, "test_every_batch_within_the_ci_bounds_agrees"))
+def _verify_ci_bounds() -> list:
+    """``ex.verify(CI_BOUNDS, workers=2)``'s reports, computed in a process of its own: a
+    background job (parity_tests/background.py), 11 s on 2 cores. Two worker processes, as
+    `tbo-parity verify` runs on a 2-core machine; the implementation's batch-by-batch loop runs
+    outside the coverage tracer of `pytest --cov` (in the test process it ran 4x slower, 19 s
+    of 25 on a 2-core machine). Its lines are covered in the test process by the other tests;
+    the test needs its verdict."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = pathlib.Path(folder) / "reports.pickle"
+        code = ("import pickle, sys\n"
+                "from parity_tests import exhaustive as ex\n"
+                f"reports = ex.verify(ex.{CI_BOUNDS!r}, workers=2)\n"
+                "with open(sys.argv[1], 'wb') as f:\n"
+                "    pickle.dump(reports, f)\n")
+        result = background.command([sys.executable, "-c", code, str(out)])
+        if result.returncode != 0:
+            raise RuntimeError(f"ex.verify exited with {result.returncode}:\n{result.stderr}")
+        return pickle.loads(out.read_bytes())
+
+
 def test_every_batch_within_the_ci_bounds_agrees():
-    # Two worker processes, as `tbo-parity verify` runs on a 2-core machine: the
-    # implementation's batch-by-batch loop then runs outside the coverage tracer of
-    # `pytest --cov` (in this process it ran 4x slower, 19 s of 25 on a 2-core machine). Its
-    # lines are covered in this process by the other tests; this test needs its verdict.
-    reports = {r.name: r for r in ex.verify(CI_BOUNDS, workers=2)}
+    reports = {r.name: r for r in background.result("verify-ci-bounds")}
     runs = len(CI_BOUNDS.thresholds) + len(CI_BOUNDS.prefixes)
     assert reports["EXTEND"].batches == _extend_count(4, 12) * runs
     assert reports["DECODE, TARGET_VERIFY"].batches == 257 * (1 + 8)
@@ -116,11 +138,19 @@ def _cli(*args):
                           capture_output=True, text=True)
 
 
+@background.job("cli-verify",
+                background.reads(__name__, "test_verify_command_prints_counts_and_exits_zero"))
+def _verify_command() -> subprocess.CompletedProcess:
+    """A background job (parity_tests/background.py): 5 s on 2 cores, mostly imports. One
+    worker: these bounds take a moment in-process, and the worker pool runs in
+    test_every_batch_within_the_ci_bounds_agrees."""
+    return background.command([sys.executable, "-m", "parity_tests.cli", "verify",
+                               "--max_seqs=2", "--max_len=4", "--max_bs=8", "--max_draft=2",
+                               "--max_graph_bs=8", "--workers=1"])
+
+
 def test_verify_command_prints_counts_and_exits_zero():
-    # One worker: these bounds take a moment in-process, and the worker pool runs in
-    # test_every_batch_within_the_ci_bounds_agrees.
-    result = _cli("verify", "--max_seqs=2", "--max_len=4", "--max_bs=8", "--max_draft=2",
-                  "--max_graph_bs=8", "--workers=1")
+    result = background.result("cli-verify")
     assert result.returncode == 0, result.stdout + result.stderr
     for family in ("EXTEND", "DECODE, TARGET_VERIFY", "graph replay", "IDLE"):
         assert family in result.stdout

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import numbers
 import operator
 import re
@@ -481,10 +482,24 @@ def _padded(values, size=None):
     return jnp.asarray(list(values) + [0] * (size - len(values)), dtype=jnp.int64)
 
 
+# The wrappers call the pure functions jitted: one dispatch a call, where eagerly each
+# primitive was one (the same values, several times faster per call).
 _extend_split_jit = jax.jit(extend_split_indices, static_argnames="extend_split")
-_is_two_chunk_jit = jax.jit(is_two_chunk, static_argnames="extend_split")
 _derive_extend_jit = jax.jit(derive_extend_children, static_argnames="extend_split")
 _derive_uniform_jit = jax.jit(derive_uniform_children)
+_dp_decision_jit = jax.jit(dp_tbo_decision, static_argnames="dp_rule")
+_uniform_split_jit = jax.jit(uniform_split_indices)
+_non_padded_jit = jax.jit(children_num_token_non_padded)
+
+
+@functools.partial(jax.jit, static_argnames="extend_split")
+def _extend_split_token(padded, num_seqs, threshold, split_seq_index, extend_split):
+    """``compute_split_token_index`` in EXTEND: half the tokens if the split is two-chunk,
+    else the tokens of the sequences before ``split_seq_index`` (a mask, not
+    ``padded[:split_seq_index]``: one compiled shape for every index)."""
+    before = jnp.arange(padded.shape[0]) < split_seq_index
+    return jnp.where(is_two_chunk(padded, num_seqs, threshold, extend_split=extend_split),
+                     jnp.sum(padded) // 2, jnp.sum(jnp.where(before, padded, 0)))
 
 
 def token_num_per_seq(forward_mode, draft_token_num=None) -> Optional[int]:
@@ -529,7 +544,7 @@ def compute_split_seq_index(forward_mode, num_tokens, extend_lens, token_num_per
     tnps = _check_uniform(mode, extend_lens, token_num_per_seq)
     _check_divisible("num_tokens", num_tokens, tnps)
     with jax.enable_x64(True):
-        return int(uniform_split_indices(jnp.int64(num_tokens), tnps)[0])
+        return int(_uniform_split_jit(jnp.int64(num_tokens), tnps)[0])
 
 
 def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_num_per_seq,
@@ -548,12 +563,8 @@ def compute_split_token_index(split_seq_index, forward_mode, extend_lens, token_
             raise ValueError(f"split_seq_index={split_seq_index} > number of sequences "
                              f"{len(lens)}")
         with jax.enable_x64(True):
-            padded = _padded(lens)
-            if bool(_is_two_chunk_jit(padded, len(lens), threshold, extend_split=extend_split)):
-                return int(jnp.sum(padded) // 2)
-            # A mask, not padded[:split_seq_index]: one compiled shape for every index.
-            before = jnp.arange(padded.shape[0]) < split_seq_index
-            return int(jnp.sum(jnp.where(before, padded, 0)))
+            return int(_extend_split_token(_padded(lens), len(lens), threshold, split_seq_index,
+                                           extend_split=extend_split))
     if mode is ForwardMode.IDLE:
         _check_idle(extend_lens, token_num_per_seq)
         if split_seq_index != 0:
@@ -580,7 +591,7 @@ def compute_split_indices_for_cuda_graph_replay(forward_mode, cuda_graph_num_tok
         tnps = _check_token_num_per_seq(mode, token_num_per_seq)
     _check_divisible("cuda_graph_num_tokens", cuda_graph_num_tokens, tnps)
     with jax.enable_x64(True):
-        seq, tok = uniform_split_indices(jnp.int64(cuda_graph_num_tokens), tnps)
+        seq, tok = _uniform_split_jit(jnp.int64(cuda_graph_num_tokens), tnps)
         return int(seq), int(tok)
 
 
@@ -589,8 +600,7 @@ def compute_children_num_token_non_padded(split_token_index, num_token_non_padde
     split_token_index = _check_count("split_token_index", split_token_index)
     num_token_non_padded = _check_count("num_token_non_padded", num_token_non_padded)
     with jax.enable_x64(True):
-        a, b = children_num_token_non_padded(jnp.int64(split_token_index),
-                                             jnp.int64(num_token_non_padded))
+        a, b = _non_padded_jit(jnp.int64(split_token_index), jnp.int64(num_token_non_padded))
         return int(a), int(b)
 
 
@@ -748,5 +758,5 @@ def compute_dp_tbo_decision(per_rank: Sequence, dp_rule=DEFAULT_DP_RULE) -> tupl
         idle = mode is None or mode is ForwardMode.IDLE
         codes.append(-1 if idle else _mode_code(mode))
         can_run.append(can)
-    run, code = dp_tbo_decision(jnp.asarray(can_run), jnp.asarray(codes), dp_rule)
+    run, code = _dp_decision_jit(jnp.asarray(can_run), jnp.asarray(codes), dp_rule=dp_rule)
     return bool(run), (list(ForwardMode)[int(code)] if bool(run) else None)
