@@ -71,11 +71,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from parity_tests import graph_parity as gp  # noqa: E402
-from parity_tests import model_parity as mp  # noqa: E402
-from reference.weights import ModelConfig  # noqa: E402
-from torch_impl.cuda_graph_runner import CudaGraphRunner  # noqa: E402
-from torch_impl.kv_cache import KVPool  # noqa: E402
+from tbo_parity.parity_tests import graph_parity as gp  # noqa: E402
+from tbo_parity.parity_tests import model_parity as mp  # noqa: E402
+from tbo_parity.reference.weights import ModelConfig  # noqa: E402
+from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner  # noqa: E402
+from tbo_parity.torch_impl.kv_cache import KVPool  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "docs", "Where the JSON and Markdown results are written.")

@@ -187,7 +187,7 @@ def _digest(out) -> str:
 def _config(args, world: int):
     import dataclasses
 
-    from benchmarks import overlap as ob
+    from tbo_parity.benchmarks import overlap as ob
 
     cfg = ob.model_config(world, args.layers, tiny=args.size == "tiny")
     return dataclasses.replace(cfg, num_experts=args.experts) if args.experts else cfg
@@ -244,11 +244,11 @@ def measure(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from benchmarks import overlap as ob
-    from parity_tests.ep_parity import init_rank
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.expert_parallel import agree_ep_step
+    from tbo_parity.benchmarks import overlap as ob
+    from tbo_parity.parity_tests.ep_parity import init_rank
+    from tbo_parity.torch_impl.attention import TboAttnBackend
+    from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+    from tbo_parity.torch_impl.expert_parallel import agree_ep_step
 
     if args.device == "cpu":
         torch.set_num_threads(1)  # the ranks share this host's cores
@@ -322,11 +322,11 @@ def main(argv) -> int:
         with open(os.path.join(args.out_dir, f"rank{result['rank']}.json"), "w") as f:
             json.dump(result, f)
         return 0
-    from parity_tests.ep_parity import launch
+    from tbo_parity.parity_tests.ep_parity import launch
 
     passthrough = [a for a in argv[1:] if not a.startswith("--out_dir")]
     ranks = launch(args.nproc, args.out_dir, passthrough, timeout_s=600,
-                   module="benchmarks.host_overhead")
+                   module="tbo_parity.benchmarks.host_overhead")
     print(report(ranks[0]))
     return 0
 

@@ -172,7 +172,7 @@ def model_config(world_size: int, layers: int, tiny: bool, *,
                  experts_per_rank: int = EXPERTS_PER_RANK, routing: str = "top_k"):
     """The benchmark's model: ``experts_per_rank * world_size`` routed experts, top-8 (top-4
     over 4 per rank with ``tiny``); ``routing="group_limited"``: DeepSeek-V3's routing."""
-    from torch_impl.config import ModelConfig
+    from tbo_parity.torch_impl.config import ModelConfig
 
     grouped = {} if routing == "top_k" else dict(
         routing=routing, scoring="sigmoid", n_group=GROUPS, topk_group=TOPK_GROUP,
@@ -193,8 +193,8 @@ def build_model(cfg, dispatcher, *, device, dtype, seed: int = 0):
     the constructor is given stride-0 placeholders of the full shape."""
     import torch
 
-    from torch_impl.config import CORRECTION_BIAS, weight_shapes
-    from torch_impl.model import MoEModel
+    from tbo_parity.torch_impl.config import CORRECTION_BIAS, weight_shapes
+    from tbo_parity.torch_impl.model import MoEModel
 
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -237,7 +237,7 @@ class SilentTransport:
     name = "none"
 
     def __init__(self, group=None):
-        from torch_impl.expert_parallel import AllToAllTransport
+        from tbo_parity.torch_impl.expert_parallel import AllToAllTransport
 
         self._shapes = AllToAllTransport(group)
 
@@ -248,7 +248,7 @@ class SilentTransport:
         return None
 
     def finish_dispatch(self, work, send, bufs, c):
-        from torch_impl.expert_parallel import _view
+        from tbo_parity.torch_impl.expert_parallel import _view
 
         n, l, _, h = send.shape
         return _view(bufs["recv"], (l, n * c, h))
@@ -257,7 +257,7 @@ class SilentTransport:
         return None
 
     def finish_combine(self, work, bufs, shape):
-        from torch_impl.expert_parallel import _view
+        from tbo_parity.torch_impl.expert_parallel import _view
 
         n, l, c, h = shape
         return _view(bufs["back"], (n * l, c, h))
@@ -337,7 +337,7 @@ def make_dispatcher(cfg, transport: str, *, layout: str = "packed", max_capacity
                     dtype, group=None, comm_stream=None):
     """A dispatcher of ``layout`` (the packed one by default) for ``transport``: a name, or
     "none" for the layout's transport that moves nothing."""
-    from torch_impl.packed_dispatch import make_dispatcher as make
+    from tbo_parity.torch_impl.packed_dispatch import make_dispatcher as make
 
     silent = {"packed": SilentPacked, "capacity": SilentTransport}[layout]
     return make(cfg.num_experts, layout=layout, top_k=cfg.top_k, hidden_size=cfg.hidden_size,
@@ -368,7 +368,7 @@ def serving(cfg, num_requests: int, context: int, *, device, dtype, seed: int = 
     (seeded: every launch, on every link, starts from the same cache)."""
     import torch
 
-    from torch_impl.kv_cache import KVPool
+    from tbo_parity.torch_impl.kv_cache import KVPool
 
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -386,8 +386,8 @@ def decode_batch(cfg, srv: Serving, num_seqs: int, *, device, seed: int = 0):
     one token."""
     import torch
 
-    from torch_impl.forward_batch import ForwardBatch
-    from torch_impl.forward_mode import ForwardMode
+    from tbo_parity.torch_impl.forward_batch import ForwardBatch
+    from tbo_parity.torch_impl.forward_mode import ForwardMode
 
     gen = torch.Generator().manual_seed(seed)
     rows = torch.arange(num_seqs)
@@ -406,8 +406,8 @@ def extend_batch(cfg, srv: Serving, num_seqs: int, length: int, *, device, seed:
     """``num_seqs`` fresh sequences of ``length`` tokens (no cached prefix)."""
     import torch
 
-    from torch_impl.forward_batch import ForwardBatch
-    from torch_impl.forward_mode import ForwardMode
+    from tbo_parity.torch_impl.forward_batch import ForwardBatch
+    from tbo_parity.torch_impl.forward_mode import ForwardMode
 
     gen = torch.Generator().manual_seed(seed)
     n = num_seqs * length
@@ -505,7 +505,7 @@ def exchanges_only(model, tokens: int, micro_batches: int, *, device, dtype, see
 
 def attention_backend(name: str):
     """The attention backend class of ``--attention``."""
-    from torch_impl.attention import SdpaAttnBackend, TorchAttnBackend
+    from tbo_parity.torch_impl.attention import SdpaAttnBackend, TorchAttnBackend
 
     return {"sdpa": SdpaAttnBackend, "reference": TorchAttnBackend}[name]
 
@@ -557,7 +557,7 @@ class DecodeSweep:
             dtype=self.dtype, group=group, comm_stream=self.comm_stream))
 
     def _runners(self, srv, context: int, sizes) -> dict:
-        from torch_impl.cuda_graph_runner import CudaGraphRunner
+        from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner
 
         return {tbo: CudaGraphRunner(
             self.model, srv.pool, srv.req_to_token, max_context_len=context,
@@ -673,7 +673,7 @@ class DecodeSweep:
 def worker(F) -> dict:
     import torch
 
-    from parity_tests.ep_parity import init_rank
+    from tbo_parity.parity_tests.ep_parity import init_rank
 
     rank, world, device = init_rank(F.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -731,7 +731,7 @@ def measure(F, cfg, model, tokens, long_tokens, max_t, *, device, dtype, comm_st
 def routing_facts(cfg, world: int) -> dict:
     """The routing measured, and the most ranks one token's experts can lie on (group-limited
     routing bounds it below ``min(K, N)``, and so bounds a token's traffic)."""
-    from torch_impl.moe import max_ranks_reached
+    from tbo_parity.torch_impl.moe import max_ranks_reached
 
     reach = min(cfg.top_k, world)
     if cfg.routing == "group_limited":
@@ -783,7 +783,7 @@ def expert_rows(F, cfg, model, tokens, layout, *, device, dtype, comm_stream) ->
     import torch
     import torch.distributed as dist
 
-    from torch_impl.packed_dispatch import uses_grouped_gemm
+    from tbo_parity.torch_impl.packed_dispatch import uses_grouped_gemm
 
     rows = []
     layer = model.layers[0]
@@ -825,9 +825,9 @@ def prefill_rows(F, cfg, model, totals, layout, device, dtype, comm_stream) -> l
     """One eager EXTEND step per size in ``totals`` (tokens per rank, in fresh sequences of
     ``--prefill_seq_len``), plain and TBO, for the silent transport (compute only) and each
     transport of ``layout``."""
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.expert_parallel import agree_ep_step
+    from tbo_parity.torch_impl.attention import TboAttnBackend
+    from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+    from tbo_parity.torch_impl.expert_parallel import agree_ep_step
 
     rows = []
     make_backend = attention_backend(F.attention)
@@ -871,7 +871,7 @@ class HostEvent:
 
 
 def _stage_names() -> list:
-    from torch_impl.model import LAYOUTS
+    from tbo_parity.torch_impl.model import LAYOUTS
 
     return [stage.split() for stage in LAYOUTS["decode"].split("|")][:-1]  # trailing "|"
 
@@ -884,8 +884,8 @@ def stage_label(micro_batch: int, index: int, names: list) -> str:
 
 def _with_markers(model, marker) -> tuple:
     """The decode operations with ``marker(index, where)`` around every stage."""
-    from torch_impl.forward_mode import ForwardMode
-    from torch_impl.operations import YieldOperation, split_stages
+    from tbo_parity.torch_impl.forward_mode import ForwardMode
+    from tbo_parity.torch_impl.operations import YieldOperation, split_stages
 
     ops, delta = model.operations(ForwardMode.DECODE)
     wrapped = []
@@ -897,10 +897,10 @@ def _with_markers(model, marker) -> tuple:
 def _timeline_step(F, cfg, model, device, dtype, comm_stream, operations):
     """(step(), dispatcher): one eager TBO decode step of ``--timeline_tokens`` at
     ``--context`` through ``operations``."""
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.expert_parallel import agree_ep_step
-    from torch_impl.overlap import model_forward_maybe_tbo
+    from tbo_parity.torch_impl.attention import TboAttnBackend
+    from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+    from tbo_parity.torch_impl.expert_parallel import agree_ep_step
+    from tbo_parity.torch_impl.overlap import model_forward_maybe_tbo
 
     t = F.timeline_tokens
     context = F.context
@@ -1171,7 +1171,7 @@ def layout_ratios(decode: list) -> list:
 
 def layout_targets(report: dict) -> list:
     """The packed layout's targets, each met, missed or not measured here."""
-    from torch_impl.packed_dispatch import TILE_ROWS
+    from tbo_parity.torch_impl.packed_dispatch import TILE_ROWS
 
     env, experts = report["env"], report["experts"]
     ratios = layout_ratios(report["decode"])
@@ -1371,7 +1371,7 @@ def main(argv) -> int:
     if "RANK" in os.environ:  # a rank (launched below, or by torchrun)
         _write_rank(F, worker(F))
         return 0
-    from parity_tests.ep_parity import launch
+    from tbo_parity.parity_tests.ep_parity import launch
 
     for name, chosen, known in (("links", F.links, LINKS), ("layouts", F.layouts,
                                                              ("packed", "capacity"))):
@@ -1382,7 +1382,7 @@ def main(argv) -> int:
     ranks0 = {}
     for link in F.links:  # one launch per link: NCCL reads its settings at start
         launch(F.nproc, F.out_dir, passthrough + [f"--link={link}"], env=LINKS[link],
-               timeout_s=570, module="benchmarks.overlap",
+               timeout_s=570, module="tbo_parity.benchmarks.overlap",
                report_glob=f"overlap-{link}-rank{{rank}}.json")
         with open(os.path.join(F.out_dir, f"overlap-{link}-rank0.json")) as f:
             ranks0[link] = json.load(f)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity_tests.split_parity import SplitCase
+from tbo_parity.parity_tests.split_parity import SplitCase
 
 MODES = ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE")
 

@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from parity_tests import background  # noqa: E402
+from tbo_parity.parity_tests import background  # noqa: E402
 
 settings.register_profile(
     "default", max_examples=2000, deadline=None, derandomize=True,

@@ -8,8 +8,8 @@ alone (docs/model.md, "Expert parallelism").
 
 A rank is a process. ``launch`` starts N of them on this host with the environment
 ``torchrun`` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the worker also
-runs under ``torchrun --nproc-per-node N -m parity_tests.ep_parity --out_dir=...``. Each rank
-writes ``rank<r>.json``; ``launch`` kills every rank if one fails or time runs out, and never
+runs under ``torchrun --nproc-per-node N -m tbo_parity.parity_tests.ep_parity
+--out_dir=...``. Each rank writes ``rank<r>.json``; ``launch`` kills every rank if one fails or time runs out, and never
 waits without a limit.
 
 Checks on every rank (each a row of the JSON):
@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: float,
-           env: Optional[dict] = None, module: str = "parity_tests.ep_parity",
+           env: Optional[dict] = None, module: str = "tbo_parity.parity_tests.ep_parity",
            report_glob: str = "rank{rank}.json", base_env: Optional[dict] = None,
            stop=None) -> list:
     """Run ``nproc`` ranks of ``module`` (this module's worker by default); return each rank's
@@ -124,7 +124,7 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
 
 def model_scenarios(world_size: int) -> dict:
     """name -> function rank -> ModelCase (or ("padded", case, n) for a padded batch)."""
-    from parity_tests.model_parity import ModelCase
+    from tbo_parity.parity_tests.model_parity import ModelCase
 
     def decode(r):
         return ModelCase("DECODE", tuple(3 + 2 * i + r for i in range(2 + r % 3)), seed=20 + r)
@@ -200,7 +200,7 @@ def check_layer(dispatchers: dict, cfg, weights, *, device, dtype, rank, world_s
     """The EP exchange + local experts of every crafted routing against LocalDispatcher."""
     import torch
 
-    from torch_impl import moe
+    from tbo_parity.torch_impl import moe
 
     rows = []
     tokens = 12
@@ -241,7 +241,7 @@ def check_layer(dispatchers: dict, cfg, weights, *, device, dtype, rank, world_s
 
 
 def _world(spec, ref_cfg):
-    from parity_tests import model_parity as mp
+    from tbo_parity.parity_tests import model_parity as mp
 
     if isinstance(spec, tuple):
         _, case, pad = spec
@@ -253,10 +253,10 @@ def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=N
     """Plain and TBO forwards of every scenario against this rank's JAX spec."""
     import numpy as np
 
-    from parity_tests import model_parity as mp
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.expert_parallel import agree_ep_step
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.torch_impl.attention import TboAttnBackend
+    from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+    from tbo_parity.torch_impl.expert_parallel import agree_ep_step
 
     rows = []
     device = model.embed.device
@@ -304,9 +304,9 @@ def check_graphs(model, ref_cfg, weights, *, dtype_name, rank, world_size) -> li
     import torch
     import torch.distributed as dist
 
-    from parity_tests import model_parity as mp
-    from torch_impl.cuda_graph_runner import CudaGraphRunner
-    from torch_impl.kv_cache import KVPool
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner
+    from tbo_parity.torch_impl.kv_cache import KVPool
 
     rows = []
     device = model.embed.device
@@ -363,8 +363,8 @@ def faulty_dispatcher_type(fault: str = "rotate_destinations"):
     first non-empty (destination, local expert), so that expert's last row is left out."""
     import torch
 
-    from torch_impl.expert_parallel import ExpertParallelDispatcher
-    from torch_impl.packed_dispatch import PackedDispatcher
+    from tbo_parity.torch_impl.expert_parallel import ExpertParallelDispatcher
+    from tbo_parity.torch_impl.packed_dispatch import PackedDispatcher
 
     class RotateDestinations(ExpertParallelDispatcher):
         @staticmethod
@@ -409,9 +409,9 @@ def worker_main(argv) -> int:
 
     import torch
 
-    from parity_tests import model_parity as mp
-    from torch_impl.model import MoEModel
-    from torch_impl.packed_dispatch import make_dispatcher
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.torch_impl.model import MoEModel
+    from tbo_parity.torch_impl.packed_dispatch import make_dispatcher
 
     rank, world_size, device = init_rank(FLAGS.device)
     started = time.time()

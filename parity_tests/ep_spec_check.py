@@ -6,7 +6,7 @@ a subprocess: a mesh of ``N`` CPU devices needs
 pytest process has already done. Run by hand:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
-        python -m parity_tests.ep_spec_check
+        python -m tbo_parity.parity_tests.ep_spec_check
 
 It prints one JSON object: per (ranks, case, layout) the max error of ``ep_routed_moe`` on an
 ``N``-device mesh against the single-device ``reference.moe`` routed output (float64), and of
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from reference import expert_parallel as ep
-from reference import moe
+from tbo_parity.reference import expert_parallel as ep
+from tbo_parity.reference import moe
 
 NUM_EXPERTS = 8  # E
 HIDDEN = 16  # H

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parity_tests import exhaustive_impl
-from parity_tests.split_parity import SplitCase, split_mismatches
-from reference import split as spec
+from tbo_parity.parity_tests import exhaustive_impl
+from tbo_parity.parity_tests.split_parity import SplitCase, split_mismatches
+from tbo_parity.reference import split as spec
 
 CHUNK = 20_000  # batches per worker task
 

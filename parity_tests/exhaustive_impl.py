@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 CHILD_SCALARS = ("seq_start", "seq_end", "token_start", "token_end")
 CHILD_VECTORS = ("seq_lens", "extend_seq_lens", "extend_prefix_lens", "extend_start_loc")

@@ -23,9 +23,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from parity_tests import model_parity as mp
-from torch_impl.cuda_graph_runner import CudaGraphRunner
-from torch_impl.kv_cache import KVPool
+from tbo_parity.parity_tests import model_parity as mp
+from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner
+from tbo_parity.torch_impl.kv_cache import KVPool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,18 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from reference import model as ref_model
-from reference import operations as ref_ops
-from reference import split as spec
-from reference.weights import ModelConfig as RefConfig
-from reference.weights import init_weights
-from torch_impl.attention import TboAttnBackend, TorchAttnBackend
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.config import ModelConfig as TorchConfig
-from torch_impl.forward_batch import ForwardBatch, VerifyInput
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.kv_cache import KVPool
-from torch_impl.model import MoEModel
+from tbo_parity.reference import model as ref_model
+from tbo_parity.reference import operations as ref_ops
+from tbo_parity.reference import split as spec
+from tbo_parity.reference.weights import ModelConfig as RefConfig
+from tbo_parity.reference.weights import init_weights
+from tbo_parity.torch_impl.attention import TboAttnBackend, TorchAttnBackend
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.config import ModelConfig as TorchConfig
+from tbo_parity.torch_impl.forward_batch import ForwardBatch, VerifyInput
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.kv_cache import KVPool
+from tbo_parity.torch_impl.model import MoEModel
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

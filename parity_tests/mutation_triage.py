@@ -2,7 +2,7 @@
 
 Run from the repository root after ``mutmut run``::
 
-    python -m parity_tests.mutation_triage    # Markdown on standard output
+    python -m tbo_parity.parity_tests.mutation_triage    # Markdown on standard output
 
 It reads ``mutmut results --all true`` and ``mutmut show`` for each mutant that survived or
 timed out, and puts each into the first class whose rule matches its diff:

@@ -34,7 +34,7 @@ if [[ $STAGE == parity || $STAGE == all ]]; then
   fi
   timeout 200 python3 - /tmp/tbo-ep-parity "$OUT/ep-parity-worst.txt" <<'PY' || status=1
 import json, sys
-from parity_tests.ep_parity import launch
+from tbo_parity.parity_tests.ep_parity import launch
 import os
 reps = launch(int(os.environ.get("NPROC", "2")), sys.argv[1],
               ["--device=cuda", "--dispatchers=packed/all_to_all,packed/exact,capacity/all_to_all,capacity/copy_engine", "--graphs"], timeout_s=180)

@@ -28,9 +28,9 @@ if [[ $STAGE == tests || $STAGE == all ]]; then
   grep -E "passed|failed|^FAILED|Error" "$OUT/gpu-pytest.log" | tail -n 20
 fi
 if [[ $STAGE == run || $STAGE == all ]]; then
-  timeout 300 python3 -m parity_tests.cli run --device=cuda --dtype=float32 \
+  timeout 300 python3 -m tbo_parity.cli run --device=cuda --dtype=float32 \
     --cases_per_mode=200 > "$OUT/run-float32.txt" 2>&1 || status=1
-  timeout 300 python3 -m parity_tests.cli run --device=cuda --dtype=bfloat16 \
+  timeout 300 python3 -m tbo_parity.cli run --device=cuda --dtype=bfloat16 \
     --cases_per_mode=20 > "$OUT/run-bfloat16.txt" 2>&1 || status=1
   grep -vE "^(split|$)" "$OUT/run-float32.txt" "$OUT/run-bfloat16.txt" | sed 's/^.*run-//'
 fi

@@ -13,10 +13,10 @@ from typing import Callable, Optional
 
 import torch
 
-from reference import split as spec
-from torch_impl import two_batch_overlap as impl
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.forward_batch import ForwardBatch, VerifyInput
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import two_batch_overlap as impl
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.forward_batch import ForwardBatch, VerifyInput
 
 
 # Short names of the modes and of the split functions, for tables of calls in the tests.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from parity_tests.split_parity import SplitCase
+from tbo_parity.parity_tests.split_parity import SplitCase
 
 thresholds = st.one_of(st.just(0.48), st.just(0.5), st.floats(0.01, 0.5))
 

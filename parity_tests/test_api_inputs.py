@@ -26,13 +26,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity_tests import strategies
-from parity_tests.split_parity import (CHILDREN, DP, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E,
-                                      I, TV, rejection, resolve_modes)
-from reference import replay_plan as spec_plan
-from reference import split as spec
-from torch_impl import replay_plan as impl_plan
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.parity_tests import strategies
+from tbo_parity.parity_tests.split_parity import (CHILDREN, DP, PADDED, REPLAY, SEQ, TNPS, TOKEN, D,
+                                                  E, I, TV, rejection, resolve_modes)
+from tbo_parity.reference import replay_plan as spec_plan
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import replay_plan as impl_plan
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 MAX = 2**31 - 1
 

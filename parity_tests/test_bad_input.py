@@ -23,15 +23,16 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from parity_tests.split_parity import (CHILDREN, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E, I, TV,
-                                      SplitCase, make_forward_batch, rejection, side_results)
-from reference import moe as ref_moe
-from reference import split as spec
-from reference import weights as ref_weights
-from torch_impl import config as torch_config
-from torch_impl import moe as torch_moe
-from torch_impl import two_batch_overlap as impl
-from torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.parity_tests.split_parity import (CHILDREN, PADDED, REPLAY, SEQ, TNPS, TOKEN, D, E,
+                                                  I, TV, SplitCase, make_forward_batch, rejection,
+                                                  side_results)
+from tbo_parity.reference import moe as ref_moe
+from tbo_parity.reference import split as spec
+from tbo_parity.reference import weights as ref_weights
+from tbo_parity.torch_impl import config as torch_config
+from tbo_parity.torch_impl import moe as torch_moe
+from tbo_parity.torch_impl import two_batch_overlap as impl
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
 
 
 # Another package's ForwardMode with a mode neither side has: accepted by class name, then

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from parity_tests import background, cli
-from parity_tests.split_parity import SplitCase
-from torch_impl import two_batch_overlap as impl
+from tbo_parity import cli
+from tbo_parity.parity_tests import background
+from tbo_parity.parity_tests.split_parity import SplitCase
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 
 @background.job("cli-run",
@@ -19,7 +20,7 @@ def _run_command() -> subprocess.CompletedProcess:
     """`tbo-parity run --cases_per_mode=20`, a background job (parity_tests/background.py): its
     model rows (a JAX compile per scenario, most of its ~30 s on 2 cores) run on a second core
     beside the tests before test_run_prints_the_table_and_exits_zero, which reads it."""
-    return background.command([sys.executable, "-m", "parity_tests.cli", "run",
+    return background.command([sys.executable, "-m", "tbo_parity.cli", "run",
                                "--cases_per_mode=20"], timeout=600)
 
 
@@ -37,7 +38,7 @@ def test_run_fails_on_a_planted_bug_and_prints_the_case(monkeypatch, capsys):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
+    return subprocess.run([sys.executable, "-m", "tbo_parity.cli", *args],
                           capture_output=True, text=True)
 
 
@@ -113,7 +114,7 @@ def test_the_docstring_lists_every_command_and_is_the_help_description():
             shown = ("--nomodel" if flag_name == "model" else
                      f"--{flag_name}=" if default is None else f"--{flag_name}={default}")
             assert shown in synopsis[name], (name, shown)
-    from parity_tests import upstream
+    from tbo_parity.parity_tests import upstream
 
     for flag in upstream.FLAGS.flags_by_module_dict()[upstream.cli.__name__]:
         assert f"--{flag.name}=" in synopsis["upstream"], flag.name
@@ -136,7 +137,7 @@ def _commands_into_a_closed_pipe() -> list:
     try:
         results = []
         for args in (["--help"], ["run", "--nomodel", "--cases_per_mode=1"]):
-            result = background.command([sys.executable, "-m", "parity_tests.cli", *args],
+            result = background.command([sys.executable, "-m", "tbo_parity.cli", *args],
                                         stdout=write)
             results.append((args, result.returncode, result.stderr))
         return results
@@ -159,7 +160,7 @@ def test_a_closed_stdout_ends_quietly_with_141():
     ("upstream", "upstream.main")])
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(command, target, monkeypatch, capsys,
                                                          tmp_path):
-    from parity_tests import upstream
+    from tbo_parity.parity_tests import upstream
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -175,7 +176,7 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(command, target, monkeyp
 
 
 def test_help_and_usage_errors_import_neither_torch_nor_jax():
-    code = ("import sys; from parity_tests import cli; cli._main(['tbo-parity', '--help']); "
+    code = ("import sys; from tbo_parity import cli; cli._main(['tbo-parity', '--help']); "
             "cli._main(['tbo-parity', 'walk']); "
             "print(sorted(m for m in ('torch', 'jax', 'numpy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -186,9 +187,9 @@ def test_a_failing_model_row_names_the_comparison_and_prints_a_reproducer(monkey
     """Plant a bug: child B's stages run before child A's. The two-chunk scenario's TBO rows
     must fail, and the report must say which pair and tensor failed, with the scenario as a
     pasteable ModelCase literal."""
-    from parity_tests import model_parity as mp
-    from parity_tests.model_parity import ModelCase  # noqa: F401  (the literal's namespace)
-    from torch_impl import overlap
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.parity_tests.model_parity import ModelCase  # noqa: F401 (the literal's namespace)
+    from tbo_parity.torch_impl import overlap
 
     monkeypatch.setattr(mp, "CASES", {"two-chunk": mp.CASES["extend-two-chunk-prefixed"]})
     monkeypatch.setattr(mp, "PADDED", {})
@@ -233,7 +234,7 @@ def test_a_replay_path_bug_fails_the_rows_it_breaks(monkeypatch):
     keep the last capture's), so a padded replay routes padding rows to experts. The
     replay-path rows of `run` must catch it on a CPU: every padded TBO row fails, and no
     plain row (a plain runner has no plugin)."""
-    from torch_impl import two_batch_overlap
+    from tbo_parity.torch_impl import two_batch_overlap
 
     monkeypatch.setattr(two_batch_overlap.TboCudaGraphRunnerPlugin, "replay_prepare",
                         lambda self, *args, **kwargs: None)

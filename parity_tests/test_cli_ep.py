@@ -12,12 +12,13 @@ import tempfile
 
 import pytest
 
-from parity_tests import background, cli
-from parity_tests.timeline import intervals_from_json
+from tbo_parity import cli
+from tbo_parity.parity_tests import background
+from tbo_parity.parity_tests.timeline import intervals_from_json
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
+    return subprocess.run([sys.executable, "-m", "tbo_parity.cli", *args],
                           capture_output=True, text=True)
 
 
@@ -29,7 +30,7 @@ def test_expert_parallel_rows_group_every_rank_and_count_failures(monkeypatch):
     """One row per (check, transport) over all ranks: a row over the bound or with an unequal
     expert load is a mismatch; the worst error is reported. (The launch itself and the real
     checks are tested in parity_tests/test_expert_parallel.py.)"""
-    from parity_tests import ep_parity
+    from tbo_parity.parity_tests import ep_parity
 
     good = {"check": "model", "name": "decode", "tbo": True, "transport": "all_to_all",
             "error": 1e-6, "expert_load_equal": True}
@@ -61,7 +62,7 @@ def test_expert_parallel_rows_group_every_rank_and_count_failures(monkeypatch):
 
 
 def test_a_launch_failure_is_a_failing_row(monkeypatch):
-    from parity_tests import ep_parity
+    from tbo_parity.parity_tests import ep_parity
 
     def failing(*args, **kwargs):
         raise RuntimeError("rank 1 exited with 1\n--- rank 1 ---\nboom")
@@ -90,7 +91,7 @@ def _timeline_command() -> tuple:
     fresh folder; a background job (parity_tests/background.py): 4 s on 2 cores."""
     with tempfile.TemporaryDirectory() as folder:
         out = pathlib.Path(folder) / "pictures" / "step.png"
-        result = background.command([sys.executable, "-m", "parity_tests.cli", "timeline",
+        result = background.command([sys.executable, "-m", "tbo_parity.cli", "timeline",
                                      "--nproc=2", "--tokens=4", f"--out={out}"])
         if result.returncode != 0:
             return result, None, None
@@ -111,13 +112,13 @@ def test_timeline_writes_a_png_and_its_intervals():
 
 
 def benchmark_layers() -> int:
-    from benchmarks.overlap import _flags
+    from tbo_parity.benchmarks.overlap import _flags
 
     return _flags()["layers"].default
 
 
 def cli_stage_count() -> int:
-    from torch_impl.model import LAYOUTS
+    from tbo_parity.torch_impl.model import LAYOUTS
 
     return LAYOUTS["decode"].count("|")
 
@@ -139,7 +140,7 @@ def test_bad_usage_is_one_line_and_exit_two(args, words):
 
 def test_nproc_not_dividing_the_experts_is_a_usage_error_before_any_work():
     """The expert count is the EP model's (what ep_parity's ranks build), not a constant here."""
-    from parity_tests import model_parity as mp
+    from tbo_parity.parity_tests import model_parity as mp
 
     experts = cli.ep_num_experts()
     assert experts == mp.make_models(0)[1].num_experts
@@ -163,7 +164,7 @@ def test_the_nproc_check_follows_the_expert_count(monkeypatch):
 @pytest.fixture
 def no_recording(monkeypatch):
     """Any launch of ranks fails the test: the errors below come before recording."""
-    from parity_tests import ep_parity
+    from tbo_parity.parity_tests import ep_parity
 
     def launch(*args, **kwargs):
         raise AssertionError("recorded before checking the command line")
@@ -235,7 +236,7 @@ def _upstream_command() -> tuple:
     with tempfile.TemporaryDirectory() as folder:
         source = pathlib.Path(folder) / "two_batch_overlap.py"
         source.write_text(FAITHFUL)
-        return source, background.command([sys.executable, "-m", "parity_tests.cli", "upstream",
+        return source, background.command([sys.executable, "-m", "tbo_parity.cli", "upstream",
                                            f"--sglang_source={source}", "--cases_per_mode=1"])
 
 

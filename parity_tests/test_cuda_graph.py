@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests import model_parity as mp
-from parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, check_step
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.cuda_graph_runner import CudaGraphRunner
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
+from tbo_parity.parity_tests import model_parity as mp
+from tbo_parity.parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, check_step
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
 cuda = pytest.param("cuda", marks=[
     pytest.mark.gpu,

@@ -20,13 +20,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity_tests.split_parity import SplitCase, make_forward_batch
-from parity_tests.strategies import cases_for
-from reference import replay_plan as spec_plan
-from reference import split as spec
-from torch_impl import batch_splitter
-from torch_impl import replay_plan as impl_plan
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.parity_tests.split_parity import SplitCase, make_forward_batch
+from tbo_parity.parity_tests.strategies import cases_for
+from tbo_parity.reference import replay_plan as spec_plan
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import batch_splitter
+from tbo_parity.torch_impl import replay_plan as impl_plan
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 SPEC_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "spec.md"
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from reference import split as spec
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 REPORTS = [None, "IDLE", "EXTEND", "DECODE", "TARGET_VERIFY", "MIXED"]
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from reference import empty_batch as spec
-from torch_impl import empty_batch as impl
-from torch_impl import model as torch_model
-from torch_impl.forward_mode import ForwardMode
+from tbo_parity.reference import empty_batch as spec
+from tbo_parity.torch_impl import empty_batch as impl
+from tbo_parity.torch_impl import model as torch_model
+from tbo_parity.torch_impl.forward_mode import ForwardMode
 
 
 def _torch_batch(mode: str, tokens: int):

@@ -14,8 +14,8 @@ import tempfile
 
 import pytest
 
-from parity_tests import background, ep_parity
-from parity_tests.model_parity import BOUNDS
+from tbo_parity.parity_tests import background, ep_parity
+from tbo_parity.parity_tests.model_parity import BOUNDS
 
 LAUNCH_TIMEOUT_S = 240  # a 4-rank run takes about 40 s on a 2-core machine
 DISPATCHERS = sorted(ep_parity.DEFAULT_DISPATCHERS)  # layout/transport pairs a CPU run checks

@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from reference import expert_parallel as spec_ep
-from torch_impl import expert_parallel as ep
-from torch_impl import moe
+from tbo_parity.reference import expert_parallel as spec_ep
+from tbo_parity.torch_impl import expert_parallel as ep
+from tbo_parity.torch_impl import moe
 
 HANG_GUARD_S = 120  # a rank left alone in a collective fails instead of hanging the suite
 
@@ -293,7 +293,7 @@ def test_a_micro_batch_of_capacity_tokens_is_sent_and_one_more_is_refused(simula
 
 def _cases():
     """Two ranks of one step: rank 0 the larger batch (it sets the capacity), rank 1 smaller."""
-    from parity_tests.model_parity import ModelCase
+    from tbo_parity.parity_tests.model_parity import ModelCase
 
     return [ModelCase("DECODE", (3, 7, 4, 6, 5, 2), seed=91),
             ModelCase("TARGET_VERIFY", (4, 6), draft_token_num=2, seed=92)]
@@ -302,10 +302,10 @@ def _cases():
 def _run_model(ranks, cases, *, tbo, max_capacity):
     """Each rank: the sharded model on its case, the step agreed by ``agree_ep_step``.
     Returns per rank ``(step, outputs or the exception, buffers untouched, kv untouched)``."""
-    from parity_tests import model_parity as mp
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.batch_splitter import TboForwardBatchPreparer
-    from torch_impl.model import MoEModel
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.torch_impl.attention import TboAttnBackend
+    from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+    from tbo_parity.torch_impl.model import MoEModel
 
     ref_cfg, torch_cfg, weights, _ = mp.make_models(0)
     worlds = [mp.build_world(case, ref_cfg) for case in cases]
@@ -349,7 +349,7 @@ def test_the_model_at_max_capacity_equals_the_spec_on_every_rank(simulated_dist,
     dispatcher's ``max_capacity``. It is accepted, and each rank's hidden states, logits, KV
     pools and expert load equal the single-device JAX spec on that rank's batch (float32,
     the model bound of parity_tests/test_model_parity.py)."""
-    from parity_tests import model_parity as mp
+    from tbo_parity.parity_tests import model_parity as mp
 
     rows = _largest_rows(tbo)
     results, group, worlds, (ref_cfg, weights) = _run_model(2, _cases(), tbo=tbo,
@@ -386,8 +386,8 @@ def test_the_model_one_row_past_max_capacity_is_refused_on_every_rank(simulated_
 
 def _idle_or(case_of_rank, n, micro_batches):
     """``agree_ep_step`` on ``n`` ranks, rank r's batch ``case_of_rank(r)`` (None: IDLE)."""
-    from parity_tests import model_parity as mp
-    from parity_tests.model_parity import ModelCase
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.parity_tests.model_parity import ModelCase
 
     ref_cfg, _, _, _ = mp.make_models(0)
 
@@ -410,7 +410,7 @@ def test_every_rank_idle_agrees_on_the_smallest_decode_step(simulated_dist, rank
     is DECODE at ``real_bs = 0``, docs/spec.md); the micro-batches stay the caller's. Every
     rank gets the same step. The other side of the edge: one busy EXTEND rank of 5 tokens
     makes it ``(5, prefill)`` for everyone, the idle ranks following."""
-    from parity_tests.model_parity import ModelCase
+    from tbo_parity.parity_tests.model_parity import ModelCase
 
     assert _idle_or(lambda r: None, ranks, micro_batches) == \
         [ep.EPStep(1, micro_batches, "decode")] * ranks
@@ -502,7 +502,7 @@ def test_dispatcher_buffers_have_the_shapes_dtype_and_device_asked(simulated_dis
 def _stub_batch(mode, tokens, children=None):
     import types
 
-    from torch_impl.forward_mode import ForwardMode
+    from tbo_parity.torch_impl.forward_mode import ForwardMode
 
     return types.SimpleNamespace(forward_mode=ForwardMode[mode], num_tokens=tokens,
                                  tbo_children=children)

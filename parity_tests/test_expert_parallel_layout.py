@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import expert_parallel as spec_ep
-from torch_impl import expert_parallel as ep
-from torch_impl import moe
+from tbo_parity.reference import expert_parallel as spec_ep
+from tbo_parity.torch_impl import expert_parallel as ep
+from tbo_parity.torch_impl import moe
 
 # Jitted: one compilation per drawn shape, where eagerly each primitive compiled per shape (140
 # compilations for the 30 draws below).
@@ -185,9 +185,9 @@ class _TwoRanks(ep.ExpertParallelDispatcher):
 
 
 def _ep_model_and_batch():
-    from parity_tests import model_parity as mp
-    from torch_impl.attention import TboAttnBackend
-    from torch_impl.model import MoEModel
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.torch_impl.attention import TboAttnBackend
+    from tbo_parity.torch_impl.model import MoEModel
 
     ref_cfg, torch_cfg, weights, _ = mp.make_models(0)
     model = MoEModel(torch_cfg, weights, dispatcher=_TwoRanks(torch_cfg.num_experts, 8))
@@ -210,8 +210,8 @@ def test_a_step_that_does_not_fit_is_refused_before_any_exchange(step, words):
 
 
 def test_a_local_model_refuses_an_ep_step():
-    from parity_tests import model_parity as mp
-    from torch_impl.attention import TboAttnBackend
+    from tbo_parity.parity_tests import model_parity as mp
+    from tbo_parity.torch_impl.attention import TboAttnBackend
 
     ref_cfg, _, _, model = mp.make_models(0)
     batch = mp.torch_batch(mp.build_world(mp.ModelCase("DECODE", (3,), seed=1), ref_cfg),

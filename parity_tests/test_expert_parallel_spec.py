@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, Mesh
 
-from parity_tests import background
-from parity_tests import ep_spec_check as check
-from parity_tests.ep_spec_check import CAPACITY, CASE_NAMES, NUM_EXPERTS, RANKS
-from reference import expert_parallel as ep
-from reference import moe
+from tbo_parity.parity_tests import background
+from tbo_parity.parity_tests import ep_spec_check as check
+from tbo_parity.parity_tests.ep_spec_check import CAPACITY, CASE_NAMES, NUM_EXPERTS, RANKS
+from tbo_parity.reference import expert_parallel as ep
+from tbo_parity.reference import moe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPS64 = float(np.finfo(np.float64).eps)
@@ -58,8 +58,8 @@ def _mesh_child() -> subprocess.CompletedProcess:
     xla_flags = background.environ().get("XLA_FLAGS", "")
     env = dict(JAX_PLATFORMS="cpu", XLA_FLAGS=(
         xla_flags + f" --xla_force_host_platform_device_count={max(RANKS)}").strip())
-    return background.command([sys.executable, "-m", "parity_tests.ep_spec_check"], cwd=ROOT,
-                              env=env, timeout=CHILD_TIMEOUT_S)
+    return background.command([sys.executable, "-m", "tbo_parity.parity_tests.ep_spec_check"],
+                              cwd=ROOT, env=env, timeout=CHILD_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

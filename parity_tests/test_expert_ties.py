@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.model_parity import CASES, build_world, make_models, run_jax, run_torch
-from reference import moe as ref_moe
-from reference.weights import ModelConfig
-from torch_impl import moe as torch_moe
-from torch_impl.model import MoEModel
+from tbo_parity.parity_tests.model_parity import CASES, build_world, make_models, run_jax, run_torch
+from tbo_parity.reference import moe as ref_moe
+from tbo_parity.reference.weights import ModelConfig
+from tbo_parity.torch_impl import moe as torch_moe
+from tbo_parity.torch_impl.model import MoEModel
 
 NUM_EXPERTS = 8
 WEIGHT_TOL = dict(rtol=1e-6, atol=1e-7)  # both sides' float32 softmax/sigmoid and a division

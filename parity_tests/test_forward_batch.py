@@ -14,11 +14,12 @@ import dataclasses
 import pytest
 import torch
 
-from parity_tests.split_parity import (OTHER_FIELDS, SEQ_FIELDS, SHARED_FIELDS,
-                                      SPEC_CHILD_FIELDS, TOKEN_FIELDS, VERIFY_TOKEN_FIELDS,
-                                      SplitCase, make_forward_batch, preparer_mismatches)
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.forward_batch import ForwardBatch, VerifyInput
+from tbo_parity.parity_tests.split_parity import (OTHER_FIELDS, SEQ_FIELDS, SHARED_FIELDS,
+                                                  SPEC_CHILD_FIELDS, TOKEN_FIELDS,
+                                                  VERIFY_TOKEN_FIELDS, SplitCase,
+                                                  make_forward_batch, preparer_mismatches)
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.forward_batch import ForwardBatch, VerifyInput
 
 
 def test_every_field_is_checked():
@@ -91,7 +92,7 @@ def test_parity_check_catches_a_preparer_that_swaps_the_children(monkeypatch):
 
 
 def test_parity_check_catches_children_that_count_padding_as_real(monkeypatch):
-    from torch_impl import batch_splitter
+    from tbo_parity.torch_impl import batch_splitter
 
     monkeypatch.setattr(batch_splitter.tbo, "compute_children_num_token_non_padded",
                         lambda split, real: (split, real))

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from reference import split as spec
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 SPEC_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "spec.md"
 PAIR = re.compile(r"(\w+)=(\S+)")

@@ -48,13 +48,13 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from parity_tests.model_parity import (CASES, build_world, fast_compile, make_models, run_jax,
-                                       run_torch)
-from reference import moe as ref_moe
-from reference import weights as ref_weights
-from torch_impl import config as torch_config
-from torch_impl import moe as torch_moe
-from torch_impl.model import MoEModel
+from tbo_parity.parity_tests.model_parity import (CASES, build_world, fast_compile, make_models,
+                                                  run_jax, run_torch)
+from tbo_parity.reference import moe as ref_moe
+from tbo_parity.reference import weights as ref_weights
+from tbo_parity.torch_impl import config as torch_config
+from tbo_parity.torch_impl import moe as torch_moe
+from tbo_parity.torch_impl.model import MoEModel
 
 WEIGHT_TOL = dict(rtol=2e-6, atol=1e-7)  # both sides' float32 sigmoid, sum and division
 SELECTION_TOL = 1e-5  # float32 scores vs the float64 definition, for the property checks

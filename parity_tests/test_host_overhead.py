@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torch_impl import expert_parallel as ep
-from torch_impl import moe
-from torch_impl.model import rmsnorm, rope, rotary_tables
+from tbo_parity.torch_impl import expert_parallel as ep
+from tbo_parity.torch_impl import moe
+from tbo_parity.torch_impl.model import rmsnorm, rope, rotary_tables
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 

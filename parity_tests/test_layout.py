@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from parity_tests import background
+from tbo_parity.parity_tests import background
 
 PACKAGES = [("reference", "torch"), ("torch_impl", "jax")]
 

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import overlap as ob
-from parity_tests import model_parity as mp
-from reference import model as ref_model
-from torch_impl import model as torch_model
-from torch_impl import operations as torch_ops
-from torch_impl.attention import TorchAttnBackend
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.overlap import _state
+from tbo_parity.benchmarks import overlap as ob
+from tbo_parity.parity_tests import model_parity as mp
+from tbo_parity.reference import model as ref_model
+from tbo_parity.torch_impl import model as torch_model
+from tbo_parity.torch_impl import operations as torch_ops
+from tbo_parity.torch_impl.attention import TorchAttnBackend
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.overlap import _state
 
 MODES = ("EXTEND", "DECODE", "TARGET_VERIFY")
 STRATEGIES = ("prefill", "decode")

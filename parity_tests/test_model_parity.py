@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.model_parity import (CASES, PADDED, ModelCase, bf16_oracle_inputs,
-                                       build_world, make_models, pad_world, relative_errors,
-                                       run_jax, run_torch, torch_batch)
-from reference import split as spec
-from torch_impl import overlap
-from torch_impl.attention import TorchAttnBackend
-from torch_impl.model import MoEModel
+from tbo_parity.parity_tests.model_parity import (CASES, PADDED, ModelCase, bf16_oracle_inputs,
+                                                  build_world, make_models, pad_world,
+                                                  relative_errors, run_jax, run_torch, torch_batch)
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import overlap
+from tbo_parity.torch_impl.attention import TorchAttnBackend
+from tbo_parity.torch_impl.model import MoEModel
 
 F32_BOUND = 1e-5
 BF16_BOUND = 2e-2

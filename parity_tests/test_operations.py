@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 from torch.profiler import ProfilerActivity, profile
 
-from reference import operations as ref_ops
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.model import DELTA_STAGES, LAYOUTS, strategy_for
-from torch_impl.operations import (State, YieldOperation, execute_operations,
-                                   execute_overlapped_operations, split_stages, stage_schedule)
+from tbo_parity.reference import operations as ref_ops
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.model import DELTA_STAGES, LAYOUTS, strategy_for
+from tbo_parity.torch_impl.operations import (State, YieldOperation, execute_operations,
+                                              execute_overlapped_operations, split_stages,
+                                              stage_schedule)
 
 
 def test_state_refuses_silent_overwrite():

@@ -4,7 +4,7 @@ Synthetic inputs, so every expected value is worked out here by hand."""
 
 from __future__ import annotations
 
-from benchmarks import overlap as ob
+from tbo_parity.benchmarks import overlap as ob
 
 NAMES = [["prep"], ["core"], ["launch"]]
 

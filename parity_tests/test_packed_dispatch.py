@@ -24,9 +24,9 @@ import torch
 
 from parity_tests.test_expert_parallel_edges import (  # noqa: F401 - simulated_dist: fixture
     _Group, _Rank, _one_device, _raise_first, run_ranks, simulated_dist)
-from reference import expert_parallel as spec_ep
-from torch_impl import expert_parallel as ep
-from torch_impl import packed_dispatch as pd
+from tbo_parity.reference import expert_parallel as spec_ep
+from tbo_parity.torch_impl import expert_parallel as ep
+from tbo_parity.torch_impl import packed_dispatch as pd
 
 NUM_EXPERTS, HIDDEN, INTER, MAX_CAPACITY = 8, 6, 5, 5
 ROUTINGS = ("random", "one_expert", "no_rows_for_expert_1", "rank_0_empty", "padding")
@@ -314,7 +314,7 @@ def test_the_grouped_gemm_path_agrees_with_the_fallback_and_replays_fresh_group_
 
 
 def _triton_on_gpu() -> bool:
-    from torch_impl import packed_kernels
+    from tbo_parity.torch_impl import packed_kernels
 
     return torch.cuda.is_available() and packed_kernels.triton is not None
 
@@ -326,7 +326,7 @@ def test_the_triton_index_passes_equal_the_torch_passes_bit_for_bit():
     (integers: equal, not close), on random routings with padding, every rank and expert
     count up to DeepSeek-V3's 128 local experts, from no token to 4096; and a captured graph
     of the kernels replays fresh routings."""
-    from torch_impl import packed_kernels as pk
+    from tbo_parity.torch_impl import packed_kernels as pk
 
     rng = np.random.default_rng(7)
     dev = torch.device("cuda")

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_tests import ep_spec_check as check
-from parity_tests.ep_spec_check import CAPACITY, NUM_EXPERTS
-from reference import expert_parallel as ep
+from tbo_parity.parity_tests import ep_spec_check as check
+from tbo_parity.parity_tests.ep_spec_check import CAPACITY, NUM_EXPERTS
+from tbo_parity.reference import expert_parallel as ep
 
 LAYOUT_ARGS = ("num_ranks", "num_experts")
 # Jitted: a case's shapes compile once, where eagerly every primitive compiled per shape (141

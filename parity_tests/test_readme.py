@@ -23,7 +23,7 @@ def test_readme_api_example_prints_equal_children_on_both_sides():
         exec(compile(block, str(README), "exec"), {})
     lines = out.getvalue().splitlines()
     assert [line for line in lines if not line.startswith(" ")] == [
-        "reference.split", "torch_impl.two_batch_overlap"]
+        "tbo_parity.reference.split", "tbo_parity.torch_impl.two_batch_overlap"]
     spec_children = [line.split("(", 1)[1] for line in lines[1:3]]
     impl_children = [line.split("(", 1)[1] for line in lines[4:6]]
     assert spec_children == impl_children

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_tests.model_parity import supported_compile_options
-from reference import model as M
-from reference import moe
-from reference import operations as O
-from reference.weights import ModelConfig, init_weights
+from tbo_parity.parity_tests.model_parity import supported_compile_options
+from tbo_parity.reference import model as M
+from tbo_parity.reference import moe
+from tbo_parity.reference import operations as O
+from tbo_parity.reference.weights import ModelConfig, init_weights
 
 CFG = ModelConfig()
 ROWS, COLS = 8, 40  # R, L of req_to_token

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reference import replay_plan as spec
-from torch_impl import replay_plan as impl
-from torch_impl.two_batch_overlap import compute_children_num_token_non_padded
+from tbo_parity.reference import replay_plan as spec
+from tbo_parity.torch_impl import replay_plan as impl
+from tbo_parity.torch_impl.two_batch_overlap import compute_children_num_token_non_padded
 
 SIDES = [pytest.param(spec, id="spec"), pytest.param(impl, id="impl")]
 SPEC_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "spec.md"

@@ -22,14 +22,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity_tests import model_parity as mp
-from parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, check_step
-from reference import replay_plan as spec
-from reference import split as spec_split
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.cuda_graph_runner import SEQ_LEN_FILL, CaptureSet, CudaGraphRunner, GraphKey
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
+from tbo_parity.parity_tests import model_parity as mp
+from tbo_parity.parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, check_step
+from tbo_parity.reference import replay_plan as spec
+from tbo_parity.reference import split as spec_split
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.cuda_graph_runner import (SEQ_LEN_FILL, CaptureSet, CudaGraphRunner,
+                                                     GraphKey)
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
 GRAPH_CONTEXT = 16  # what the context-boundary runners capture for (the layout holds 24)
 BOUND = 1e-5  # float32, every pair (graph_parity.BOUNDS)

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests import model_parity as mp
-from parity_tests.graph_parity import BOUNDS, SCENARIOS, GraphHarness, check_step
-from torch_impl import attention
-from torch_impl.attention import SdpaAttnBackend, TorchAttnBackend
+from tbo_parity.parity_tests import model_parity as mp
+from tbo_parity.parity_tests.graph_parity import BOUNDS, SCENARIOS, GraphHarness, check_step
+from tbo_parity.torch_impl import attention
+from tbo_parity.torch_impl.attention import SdpaAttnBackend, TorchAttnBackend
 
 FLOAT32_BOUND = mp.BOUNDS["float32"]
 BF16_BOUND = BOUNDS["bfloat16"]["spec"]

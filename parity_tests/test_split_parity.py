@@ -19,12 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity_tests.cases import random_cases
-from parity_tests.split_parity import (SplitCase, preparer_mismatches, result_mismatches,
-                                      side_results)
-from parity_tests.strategies import cases_for
-from reference import split as spec
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.parity_tests.cases import random_cases
+from tbo_parity.parity_tests.split_parity import (SplitCase, preparer_mismatches, result_mismatches,
+                                                  side_results)
+from tbo_parity.parity_tests.strategies import cases_for
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 
 def assert_children_partition_the_batch(case, results):

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity_tests.split_parity import SplitCase
-from parity_tests.strategies import cases_for
-from reference import split as spec
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.parity_tests.split_parity import SplitCase
+from tbo_parity.parity_tests.strategies import cases_for
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 RULES = ("balanced", "two_chunk", "guarded_two_chunk")
 

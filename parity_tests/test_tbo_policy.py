@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import tbo_policy as spec
-from reference.split import ForwardMode as SpecMode
-from torch_impl import tbo_policy as impl
-from torch_impl.forward_mode import ForwardMode as ImplMode
+from tbo_parity.reference import tbo_policy as spec
+from tbo_parity.reference.split import ForwardMode as SpecMode
+from tbo_parity.torch_impl import tbo_policy as impl
+from tbo_parity.torch_impl.forward_mode import ForwardMode as ImplMode
 
 MODES = ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE")
 MAX_COUNT = 2**31 - 1

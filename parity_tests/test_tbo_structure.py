@@ -28,15 +28,15 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from parity_tests import model_parity as mp
-from reference import model as ref_model
-from reference import operations as ref_ops
-from reference import split as spec
-from torch_impl import operations as torch_ops
-from torch_impl import overlap
-from torch_impl.attention import TboAttnBackend
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.forward_mode import ForwardMode
+from tbo_parity.parity_tests import model_parity as mp
+from tbo_parity.reference import model as ref_model
+from tbo_parity.reference import operations as ref_ops
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import operations as torch_ops
+from tbo_parity.torch_impl import overlap
+from tbo_parity.torch_impl.attention import TboAttnBackend
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.forward_mode import ForwardMode
 
 F32_BOUND = 1e-5
 STRUCTURE_CASES = ("decode", "target-verify-chain", "target-verify-tree", "extend-balanced",
@@ -383,9 +383,15 @@ def package_modules(package: str) -> dict:
     return modules
 
 
+def _short(name: str) -> str:
+    """A module's name in the graph: its folder's (``tbo_parity.reference.moe`` ->
+    ``reference.moe``; the folders are ``tbo_parity``'s subpackages, see its docstring)."""
+    return name.removeprefix("tbo_parity.")
+
+
 def _resolve(name: str, known) -> Optional[str]:
     """The longest known module that ``name`` is or lies in (``a.b.c`` -> ``a.b``)."""
-    parts = name.split(".")
+    parts = _short(name).split(".")
     for end in range(len(parts), 0, -1):
         if ".".join(parts[:end]) in known:
             return ".".join(parts[:end])
@@ -456,8 +462,8 @@ def test_the_cycle_check_finds_a_lazy_import_cycle():
     inside ``forward``, reference.operations importing reference.model at the top) is a
     cycle, and so is any planted one."""
     known = {"reference", "reference.model", "reference.operations"}
-    old = {"reference.model": "def forward():\n    from reference import operations\n",
-           "reference.operations": "from reference import model as M\n"}
+    old = {"reference.model": "def forward():\n    from tbo_parity.reference import operations\n",
+           "reference.operations": "from tbo_parity.reference import model as M\n"}
     graph = {name: imported_modules(source, name, known) for name, source in old.items()}
     assert find_cycle(graph) in (["reference.model", "reference.operations", "reference.model"],
                                  ["reference.operations", "reference.model",
@@ -470,7 +476,7 @@ def test_import_collector_resolves_every_import_form():
     """``import x.y``, ``from x import y`` (module or name), ``from .y import z`` and imports
     inside functions all become edges to the module they load."""
     known = {"pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.d"}
-    source = ("import pkg.a\nfrom pkg import b\nfrom pkg.c import name\n"
+    source = ("import pkg.a\nfrom pkg import b\nfrom tbo_parity.pkg.c import name\n"
               "def f():\n    from .d import other\nimport numpy\n")
     assert imported_modules(source, "pkg.e", known | {"pkg.e"}) == {"pkg.a", "pkg.b", "pkg.c",
                                                                     "pkg.d"}

@@ -8,8 +8,9 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from parity_tests.timeline import (COLORS, Interval, draw_timeline, intervals_from_json,
-                                   intervals_to_json, main, summarize, validate_intervals)
+from tbo_parity.parity_tests.timeline import (COLORS, Interval, draw_timeline, intervals_from_json,
+                                              intervals_to_json, main, summarize,
+                                              validate_intervals)
 
 
 def iv(lane, start, end, mb="a", label="x"):
@@ -188,7 +189,7 @@ def test_draw_timeline_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_module_imports_without_matplotlib():
-    code = ("import sys; import parity_tests.timeline; "
+    code = ("import sys; import tbo_parity.parity_tests.timeline; "
             "assert 'matplotlib' not in sys.modules, 'timeline imported matplotlib'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

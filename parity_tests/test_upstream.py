@@ -15,10 +15,10 @@ import zipfile
 
 import pytest
 
-from parity_tests.split_parity import SplitCase  # noqa: F401 (eval of pasted literals)
-from parity_tests.upstream import batches, classify, fetch, lift, stand_ins
-from parity_tests.upstream import cli as upstream_cli
-from parity_tests.upstream.report import format_report
+from tbo_parity.parity_tests.split_parity import SplitCase  # noqa: F401 (eval of pasted literals)
+from tbo_parity.parity_tests.upstream import batches, classify, fetch, lift, stand_ins
+from tbo_parity.parity_tests.upstream import cli as upstream_cli
+from tbo_parity.parity_tests.upstream.report import format_report
 
 # A split module that follows the spec (the default rule, "two_chunk"), IDLE replay included.
 FAITHFUL = '''
@@ -278,8 +278,8 @@ def _never(*args, **kwargs):
 
 
 def test_usage_errors_exit_2_with_one_line_before_any_work(tmp_path, capsys, monkeypatch):
-    """Run as `python -m parity_tests.upstream` they start with "upstream:" (as `tbo-parity
-    upstream`, with "tbo-parity:", parity_tests/test_cli_ep.py); a missing --sglang_source is
+    """Run as `python -m tbo_parity.parity_tests.upstream` they start with "upstream:" (as
+    `tbo-parity upstream`, with "tbo-parity:", parity_tests/test_cli_ep.py); a missing --sglang_source is
     refused before the spec's side is built or anything is fetched."""
     for name in ("SpecSide", "all_probes", "fetch_release", "read_source", "load_release"):
         monkeypatch.setattr(upstream_cli, name, _never)
@@ -299,7 +299,7 @@ def test_usage_errors_exit_2_with_one_line_before_any_work(tmp_path, capsys, mon
 
 
 def test_python_m_keeps_its_own_prefix():
-    result = subprocess.run([sys.executable, "-m", "parity_tests.upstream"],
+    result = subprocess.run([sys.executable, "-m", "tbo_parity.parity_tests.upstream"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (

@@ -32,12 +32,12 @@ import pathlib
 
 import pytest
 
-from parity_tests.split_parity import SplitCase  # also for eval of reported literals
+from tbo_parity.parity_tests.split_parity import SplitCase  # also for eval of reported literals
 from parity_tests.test_upstream import BALANCED_ONLY, FAITHFUL
-from parity_tests.upstream import batches, classify, fetch, lift, outcomes
-from parity_tests.upstream import cli as upstream_cli
-from parity_tests.upstream.report import format_report
-from reference.split import DEFAULT_EXTEND_SPLIT, EXTEND_SPLITS
+from tbo_parity.parity_tests.upstream import batches, classify, fetch, lift, outcomes
+from tbo_parity.parity_tests.upstream import cli as upstream_cli
+from tbo_parity.parity_tests.upstream.report import format_report
+from tbo_parity.reference.split import DEFAULT_EXTEND_SPLIT, EXTEND_SPLITS
 
 # The reasons, as the spec and docs/upstream.md name the expected differences.
 CITATION = 'docs/spec.md, "Where this spec deliberately differs from upstream SGLang"'

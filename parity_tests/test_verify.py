@@ -19,11 +19,11 @@ import tempfile
 import numpy as np
 import pytest
 
-from parity_tests import background
-from parity_tests import exhaustive as ex
-from parity_tests.split_parity import split_mismatches
-from reference import split as spec
-from torch_impl import two_batch_overlap as impl
+from tbo_parity.parity_tests import background
+from tbo_parity.parity_tests import exhaustive as ex
+from tbo_parity.parity_tests.split_parity import split_mismatches
+from tbo_parity.reference import split as spec
+from tbo_parity.torch_impl import two_batch_overlap as impl
 
 CI_BOUNDS = ex.Bounds(max_seqs=4)
 
@@ -134,7 +134,7 @@ def test_replay_invariants_catch_a_split_that_follows_the_real_batch():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "parity_tests.cli", *args],
+    return subprocess.run([sys.executable, "-m", "tbo_parity.cli", *args],
                           capture_output=True, text=True)
 
 
@@ -144,7 +144,7 @@ def _verify_command() -> subprocess.CompletedProcess:
     """A background job (parity_tests/background.py): 5 s on 2 cores, mostly imports. One
     worker: these bounds take a moment in-process, and the worker pool runs in
     test_every_batch_within_the_ci_bounds_agrees."""
-    return background.command([sys.executable, "-m", "parity_tests.cli", "verify",
+    return background.command([sys.executable, "-m", "tbo_parity.cli", "verify",
                                "--max_seqs=2", "--max_len=4", "--max_bs=8", "--max_draft=2",
                                "--max_graph_bs=8", "--workers=1"])
 

@@ -20,7 +20,7 @@ time and the fraction of communication time hidden under compute. Ideally, B's c
 over A's communication and vice versa, and the hidden fraction is close to 1.
 
 A GPU run saves ``intervals_to_json(...)`` with :mod:`json`; the picture can be redrawn
-anywhere with ``python -m parity_tests.timeline step.json step.png``. Only
+anywhere with ``python -m tbo_parity.parity_tests.timeline step.json step.png``. Only
 :func:`draw_timeline` needs matplotlib (``pip install ".[viz]"``); the rest is plain Python.
 """
 
@@ -213,10 +213,12 @@ def draw_timeline(intervals, path, *, title: str = "TBO decode step"):
 
 
 def main(argv=None) -> int:
-    """``python -m parity_tests.timeline IN.json OUT.png [TITLE]``: redraw a saved timeline."""
+    """``python -m tbo_parity.parity_tests.timeline IN.json OUT.png [TITLE]``: redraw a saved
+    timeline."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (2, 3):
-        print("usage: python -m parity_tests.timeline IN.json OUT.png [TITLE]", file=sys.stderr)
+        print("usage: python -m tbo_parity.parity_tests.timeline IN.json OUT.png [TITLE]",
+              file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         intervals = intervals_from_json(json.load(f))

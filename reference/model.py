@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import moe
-from reference.weights import ModelConfig
+from tbo_parity.reference import moe
+from tbo_parity.reference.weights import ModelConfig
 
 MODES = ("EXTEND", "DECODE", "TARGET_VERIFY", "IDLE")
 

@@ -20,8 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from reference.weights import (CORRECTION_BIAS, ROUTINGS, SCORINGS, ModelConfig,
-                               check_group_limited)
+from tbo_parity.reference.weights import (CORRECTION_BIAS, ROUTINGS, SCORINGS, ModelConfig,
+                                          check_group_limited)
 
 
 def check_scoring(scoring) -> str:

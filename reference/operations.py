@@ -28,13 +28,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from reference import model as M
-from reference import split
-from reference.empty_batch import step_batches
-from reference.model import (DELTA_STAGES, LAYOUTS, KVPools,  # noqa: F401 (re-exported)
-                             Operation, State, YieldOperation, execute_operations,
-                             initial_state, model_operations, output_of, strategy_for)
-from reference.weights import ModelConfig
+from tbo_parity.reference import model as M
+from tbo_parity.reference import split
+from tbo_parity.reference.empty_batch import step_batches
+from tbo_parity.reference.model import (DELTA_STAGES, LAYOUTS, KVPools,  # noqa: F401 (re-exported)
+                                        Operation, State, YieldOperation, execute_operations,
+                                        initial_state, model_operations, output_of, strategy_for)
+from tbo_parity.reference.weights import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from reference import split
-from reference.split import ForwardMode
+from tbo_parity.reference import split
+from tbo_parity.reference.split import ForwardMode
 
 DEFAULT_CAPTURE_HEAD = (1, 2, 4, 8, 12)
 CAPTURE_STEP = 8

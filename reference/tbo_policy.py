@@ -40,7 +40,7 @@ from typing import Mapping, Optional
 
 import jax.numpy as jnp
 
-from reference.split import ForwardMode, _as_forward_mode, _check_count, _describe
+from tbo_parity.reference.split import ForwardMode, _as_forward_mode, _check_count, _describe
 
 
 def _check_threshold(name: str, value) -> Optional[int]:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.kv_cache import KVPool
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.kv_cache import KVPool
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from torch_impl import two_batch_overlap as tbo
-from torch_impl.forward_batch import ChildPlan, ForwardBatch, Split
+from tbo_parity.torch_impl import two_batch_overlap as tbo
+from tbo_parity.torch_impl.forward_batch import ChildPlan, ForwardBatch, Split
 
 
 def _slice_axis0(name: str, value, start: int, end: int, expected: int, axis_name: str):

@@ -43,17 +43,17 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from torch_impl import graph_replay, replay_plan
-from torch_impl.attention import TorchAttnBackend
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.graph_buffers import SEQ_LEN_FILL, Padding, StaticInputs
-from torch_impl.graph_capture import WARMUP_RUNS, record, static_forward
-from torch_impl.graph_fallback import Refusal, eager_forward, refusal
-from torch_impl.graph_key import CaptureSet, GraphKey
-from torch_impl.kv_cache import KVPool
-from torch_impl.model import ModelOutput, MoEModel
-from torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
+from tbo_parity.torch_impl import graph_replay, replay_plan
+from tbo_parity.torch_impl.attention import TorchAttnBackend
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.graph_buffers import SEQ_LEN_FILL, Padding, StaticInputs
+from tbo_parity.torch_impl.graph_capture import WARMUP_RUNS, record, static_forward
+from tbo_parity.torch_impl.graph_fallback import Refusal, eager_forward, refusal
+from tbo_parity.torch_impl.graph_key import CaptureSet, GraphKey
+from tbo_parity.torch_impl.kv_cache import KVPool
+from tbo_parity.torch_impl.model import ModelOutput, MoEModel
+from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
 __all__ = ["CudaGraphRunner", "RunnerOutput", "GraphKey", "CaptureSet", "Refusal",
            "StaticInputs", "Padding", "SEQ_LEN_FILL", "WARMUP_RUNS"]

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from torch_impl.moe import ExpertLoad
-from torch_impl.operations import State, execute_operations, execute_overlapped_operations
+from tbo_parity.torch_impl.moe import ExpertLoad
+from tbo_parity.torch_impl.operations import (State, execute_operations,
+                                              execute_overlapped_operations)
 
 # What an empty micro-batch runs under expert parallelism: its part in the exchanges (and the
 # expert compute its peers' tokens need); every other operation is skipped.

@@ -46,9 +46,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from torch_impl.empty_batch import is_empty
-from torch_impl.forward_mode import strategy_for
-from torch_impl.moe import float32_operand
+from tbo_parity.torch_impl.empty_batch import is_empty
+from tbo_parity.torch_impl.forward_mode import strategy_for
+from tbo_parity.torch_impl.moe import float32_operand
 
 
 def check_layout(num_experts: int, world_size: int) -> int:

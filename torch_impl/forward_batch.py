@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.forward_mode import ForwardMode
 
 
 class Split(enum.Enum):

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from torch_impl.forward_batch import ForwardBatch, VerifyInput
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.graph_key import CaptureSet, GraphKey
+from tbo_parity.torch_impl.forward_batch import ForwardBatch, VerifyInput
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.graph_key import CaptureSet, GraphKey
 
 SEQ_LEN_FILL = 1  # a padding sequence "holds" one token, so its attention row is not empty
 

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import torch
 
-from torch_impl.attention import TboAttnBackend
-from torch_impl.expert_parallel import EPStep, micro_batch_rows
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.model import ModelOutput, MoEModel
+from tbo_parity.torch_impl.attention import TboAttnBackend
+from tbo_parity.torch_impl.expert_parallel import EPStep, micro_batch_rows
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.model import ModelOutput, MoEModel
 
 WARMUP_RUNS = 2  # eager runs before each capture: lazy initialisation must not be captured
 

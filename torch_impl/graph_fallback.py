@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-from torch_impl.attention import TboAttnBackend
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.graph_key import CaptureSet
-from torch_impl.model import ModelOutput, MoEModel
+from tbo_parity.torch_impl.attention import TboAttnBackend
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.graph_key import CaptureSet
+from tbo_parity.torch_impl.model import ModelOutput, MoEModel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from torch_impl import split_rules as rules
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.replay_plan import ReplayPlan
+from tbo_parity.torch_impl import split_rules as rules
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.replay_plan import ReplayPlan
 
 
 @dataclasses.dataclass(frozen=True)

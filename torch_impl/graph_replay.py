@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch_impl import replay_plan
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.graph_buffers import Padding, StaticInputs
-from torch_impl.graph_key import CaptureSet, GraphKey
-from torch_impl.model import ModelOutput
-from torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
+from tbo_parity.torch_impl import replay_plan
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.graph_buffers import Padding, StaticInputs
+from tbo_parity.torch_impl.graph_key import CaptureSet, GraphKey
+from tbo_parity.torch_impl.model import ModelOutput
+from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
 
 def check_batch(batch: ForwardBatch, kv_pool, req_to_token) -> None:

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_impl import moe
-from torch_impl.config import ModelConfig, check_weights
-from torch_impl.empty_batch import (EXCHANGE_OPERATIONS, exchange_only, is_empty,
-                                    is_empty_state)
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.forward_mode import strategy_for  # noqa: F401 (re-exported)
-from torch_impl.expert_parallel import EPStep, micro_batch_rows
-from torch_impl.operations import State, YieldOperation
-from torch_impl.overlap import model_forward_maybe_tbo
+from tbo_parity.torch_impl import moe
+from tbo_parity.torch_impl.config import ModelConfig, check_weights
+from tbo_parity.torch_impl.empty_batch import (EXCHANGE_OPERATIONS, exchange_only, is_empty,
+                                               is_empty_state)
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.forward_mode import strategy_for  # noqa: F401 (re-exported)
+from tbo_parity.torch_impl.expert_parallel import EPStep, micro_batch_rows
+from tbo_parity.torch_impl.operations import State, YieldOperation
+from tbo_parity.torch_impl.overlap import model_forward_maybe_tbo
 
 # The two published layouts (docs/spec.md, "Overlapped execution"); the schedule is data.
 # reference.model.LAYOUTS is the same text (its operations have these names without "op_"),

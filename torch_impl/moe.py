@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from torch_impl.config import CORRECTION_BIAS, SCORINGS, ModelConfig, check_group_limited
+from tbo_parity.torch_impl.config import CORRECTION_BIAS, SCORINGS, ModelConfig, check_group_limited
 
 
 def top_k_lower_id_first(scores: torch.Tensor, k: int) -> tuple:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from torch_impl.attention import TboAttnBackend
-from torch_impl.empty_batch import empty_state, is_empty, is_empty_state
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.moe import ExpertLoad
-from torch_impl.operations import State, execute_operations, execute_overlapped_operations
+from tbo_parity.torch_impl.attention import TboAttnBackend
+from tbo_parity.torch_impl.empty_batch import empty_state, is_empty, is_empty_state
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.moe import ExpertLoad
+from tbo_parity.torch_impl.operations import (State, execute_operations,
+                                              execute_overlapped_operations)
 
 
 def _state(batch: ForwardBatch, backend, hidden, residual, micro_batch: int = 0,

@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from torch_impl import packed_kernels
-from torch_impl.expert_parallel import EPHandle, ExpertParallelDispatcher, expert_swiglu
-from torch_impl.moe import float32_operand
+from tbo_parity.torch_impl import packed_kernels
+from tbo_parity.torch_impl.expert_parallel import EPHandle, ExpertParallelDispatcher, expert_swiglu
+from tbo_parity.torch_impl.moe import float32_operand
 
 
 def region_rows(capacity: int, top_k: int, local_experts: int) -> int:

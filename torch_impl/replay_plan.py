@@ -42,12 +42,10 @@ import bisect
 import dataclasses
 from typing import Optional, Sequence
 
-from torch_impl import split_rules as rules
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.two_batch_overlap import (
-    compute_children_num_token_non_padded,
-    compute_split_indices_for_cuda_graph_replay,
-)
+from tbo_parity.torch_impl import split_rules as rules
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.two_batch_overlap import (compute_children_num_token_non_padded,
+                                                     compute_split_indices_for_cuda_graph_replay)
 
 DEFAULT_CAPTURE_HEAD = (1, 2, 4, 8, 12)
 CAPTURE_STEP = 8

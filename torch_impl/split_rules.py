@@ -24,7 +24,7 @@ import reprlib
 from collections.abc import Mapping, Set
 from typing import Optional
 
-from torch_impl.forward_mode import TBO_MODES, ForwardMode
+from tbo_parity.torch_impl.forward_mode import TBO_MODES, ForwardMode
 
 # How EXTEND picks its split (docs/spec.md, "EXTEND split rules"): the options, and the default.
 EXTEND_SPLITS = ("balanced", "two_chunk", "guarded_two_chunk")

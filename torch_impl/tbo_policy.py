@@ -26,8 +26,8 @@ import dataclasses
 import types
 from typing import Mapping, Optional
 
-from torch_impl.forward_mode import ForwardMode
-from torch_impl.split_rules import check_count, check_mode, describe
+from tbo_parity.torch_impl.forward_mode import ForwardMode
+from tbo_parity.torch_impl.split_rules import check_count, check_mode, describe
 
 
 def _check_threshold(name: str, value) -> Optional[int]:

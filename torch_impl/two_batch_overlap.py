@@ -17,11 +17,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from torch_impl import split_rules as rules
-from torch_impl.forward_batch import ForwardBatch
-from torch_impl.forward_mode import TBO_MODES, ForwardMode  # noqa: F401 (TBO_MODES re-exported)
-from torch_impl.split_rules import (DEFAULT_DP_RULE, DEFAULT_EXTEND_SPLIT, DP_RULES, EXTEND_SPLITS,
-                                    MAX_COUNT)
+from tbo_parity.torch_impl import split_rules as rules
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.forward_mode import (TBO_MODES,  # noqa: F401 (TBO_MODES re-exported)
+                                                ForwardMode)
+from tbo_parity.torch_impl.split_rules import (DEFAULT_DP_RULE, DEFAULT_EXTEND_SPLIT, DP_RULES,
+                                               EXTEND_SPLITS, MAX_COUNT)
 
 DEFAULT_THRESHOLD = 0.48
 

@@ -1,7 +1,7 @@
 """Probe: all_to_all_single bandwidth (eager and in a CUDA graph on a side stream)."""
 import json, os, sys
 import torch, torch.distributed as dist
-from parity_tests.ep_parity import init_rank
+from tbo_parity.parity_tests.ep_parity import init_rank
 out, tag = sys.argv[1], sys.argv[2]
 rank, world, device = init_rank("cuda")
 res = {"p2p_disable": os.environ.get("NCCL_P2P_DISABLE"), "rows": []}

@@ -1,11 +1,11 @@
 """Probe: profile one eager EXTEND step, plain vs TBO, silent transport (compute only)."""
 import json, os, sys
 import torch, torch.distributed as dist
-from benchmarks import overlap as ob
-from parity_tests.ep_parity import init_rank
-from torch_impl.attention import TboAttnBackend
-from torch_impl.batch_splitter import TboForwardBatchPreparer
-from torch_impl.expert_parallel import agree_ep_step
+from tbo_parity.benchmarks import overlap as ob
+from tbo_parity.parity_tests.ep_parity import init_rank
+from tbo_parity.torch_impl.attention import TboAttnBackend
+from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
+from tbo_parity.torch_impl.expert_parallel import agree_ep_step
 
 out = sys.argv[1]
 rank, world, device = init_rank("cuda")

@@ -4,8 +4,8 @@ Kernel table from torch.profiler, one H200, bf16, 8 local experts, H=7168, I=204
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from torch_impl import packed_dispatch as pd
-from torch_impl.expert_parallel import expert_swiglu
+from tbo_parity.torch_impl import packed_dispatch as pd
+from tbo_parity.torch_impl.expert_parallel import expert_swiglu
 
 dev, dt = "cuda", torch.bfloat16
 L, H, I, P = 8, 7168, 2048, 32

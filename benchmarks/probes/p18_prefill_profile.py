@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from torch_impl.packed_dispatch import make_dispatcher
+from tbo_parity.torch_impl.packed_dispatch import make_dispatcher
 
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")

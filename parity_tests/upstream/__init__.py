@@ -1,9 +1,9 @@
 """`tbo-parity upstream`: does an SGLang release still split batches the way the spec says?
 
-    python -m parity_tests.upstream --sglang_version=0.5.23 [--sglang_version=0.4.7 ...]
-    python -m parity_tests.upstream --sglang_version=0.4.7,0.4.9,0.5.23
-    python -m parity_tests.upstream --sglang_source=PATH   (a .py file, a source tree, a wheel
-                                                           or sdist, an installed package dir)
+    python -m tbo_parity.parity_tests.upstream --sglang_version=0.5.23 [--sglang_version=0.4.7 ...]
+    python -m tbo_parity.parity_tests.upstream --sglang_version=0.4.7,0.4.9,0.5.23
+    python -m tbo_parity.parity_tests.upstream --sglang_source=PATH
+        (PATH: a .py file, a source tree, a wheel or sdist, an installed package dir)
 
 For each release it
 
@@ -45,6 +45,6 @@ results), ``batches`` (the probes), ``classify`` (the comparison and its classif
 ``report`` (the printed report) and ``cli`` (the command and its flags; ``__main__`` runs it).
 """
 
-from parity_tests.upstream.cli import FLAGS, main
+from tbo_parity.parity_tests.upstream.cli import FLAGS, main
 
 __all__ = ["FLAGS", "main"]

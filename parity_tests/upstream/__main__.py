@@ -1,7 +1,8 @@
-"""`python -m parity_tests.upstream`: the command of parity_tests/upstream (its docstring)."""
+"""`python -m tbo_parity.parity_tests.upstream`: the command of parity_tests/upstream (its
+docstring)."""
 
 import sys
 
-from parity_tests.upstream import main
+from tbo_parity.parity_tests.upstream import main
 
 sys.exit(main())

@@ -9,11 +9,11 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Callable, Optional
 
-from parity_tests.upstream.outcomes import Raised, spec_outcome
-from parity_tests.upstream.stand_ins import SpecInfo
+from tbo_parity.parity_tests.upstream.outcomes import Raised, spec_outcome
+from tbo_parity.parity_tests.upstream.stand_ins import SpecInfo
 
 if TYPE_CHECKING:  # split_parity imports torch and JAX: the command's help must not wait
-    from parity_tests.split_parity import SplitCase
+    from tbo_parity.parity_tests.split_parity import SplitCase
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
@@ -40,7 +40,7 @@ class SpecSide:
     def __init__(self):
         import jax
 
-        from reference import split as spec
+        from tbo_parity.reference import split as spec
 
         self.spec = spec
         self._balanced = jax.jit(spec.balanced_split_index)
@@ -160,7 +160,7 @@ def mask_probes(case: SplitCase) -> list:
     """TARGET_VERIFY mask offsets at a few sequence boundaries (docs/spec.md, "Children")."""
     import numpy as np
 
-    from parity_tests.split_parity import _mask_range
+    from tbo_parity.parity_tests.split_parity import _mask_range
 
     d, seq_lens = case.draft_token_num, case.seq_lens
     spec_info = SpecInfo(d, np.asarray(seq_lens, dtype=np.int64))
@@ -273,8 +273,8 @@ def all_probes(side: SpecSide, cases_per_mode: int, seed: int,
                max_graph_bs: int = 256) -> list:
     """The probes of a run: the batches of `tbo-parity run`, degenerate and MIXED ones,
     replays, data-parallel reports and bad input."""
-    from parity_tests.cases import MODES, random_cases
-    from parity_tests.split_parity import SplitCase
+    from tbo_parity.parity_tests.cases import MODES, random_cases
+    from tbo_parity.parity_tests.split_parity import SplitCase
 
     cases = [case for mode in MODES for case in random_cases(seed, mode, cases_per_mode)]
     for lens in DEGENERATE_EXTEND:

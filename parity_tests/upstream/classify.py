@@ -11,15 +11,10 @@ import dataclasses
 import time
 from typing import Optional
 
-from parity_tests.upstream.batches import Lazy, Probe, UpstreamMode
-from parity_tests.upstream.lift import ROLES, RULE_ROLES, Release
-from parity_tests.upstream.outcomes import (
-    IDLE_REPLAY_DIVIDES,
-    SPEC_REJECTS,
-    MissingMode,
-    Raised,
-    call_release,
-)
+from tbo_parity.parity_tests.upstream.batches import Lazy, Probe, UpstreamMode
+from tbo_parity.parity_tests.upstream.lift import ROLES, RULE_ROLES, Release
+from tbo_parity.parity_tests.upstream.outcomes import (IDLE_REPLAY_DIVIDES, SPEC_REJECTS,
+                                                       MissingMode, Raised, call_release)
 
 DOCUMENTED = 'docs/spec.md, "Where this spec deliberately differs from upstream SGLang"'
 
@@ -98,7 +93,8 @@ def compare(release: Release, probes: list, examples: int = 3) -> Report:
     """Every probe on both sides, under every EXTEND rule; the report of the matching one. The
     data-parallel reports are compared under the first data-parallel rule they all agree with
     (the default when none does: their disagreements stay unexplained)."""
-    from reference.split import DEFAULT_DP_RULE, DEFAULT_EXTEND_SPLIT, DP_RULES, EXTEND_SPLITS
+    from tbo_parity.reference.split import (DEFAULT_DP_RULE, DEFAULT_EXTEND_SPLIT, DP_RULES,
+                                            EXTEND_SPLITS)
 
     start = time.perf_counter()
     runnable = [p for p in probes if p.role in release.roles

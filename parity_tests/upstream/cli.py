@@ -1,5 +1,5 @@
-"""The command: ``main`` (``python -m parity_tests.upstream``, ``tbo-parity upstream``) and
-its flags; what it does is the package's docstring.
+"""The command: ``main`` (``python -m tbo_parity.parity_tests.upstream``, ``tbo-parity
+upstream``) and its flags; what it does is the package's docstring.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from typing import Optional
 
 from absl import flags
 
-from parity_tests.upstream.batches import SpecSide, all_probes
-from parity_tests.upstream.classify import compare
-from parity_tests.upstream.fetch import SourceError, cached_archives, fetch_release, read_source
-from parity_tests.upstream.lift import load_release
-from parity_tests.upstream.report import format_report
+from tbo_parity.parity_tests.upstream.batches import SpecSide, all_probes
+from tbo_parity.parity_tests.upstream.classify import compare
+from tbo_parity.parity_tests.upstream.fetch import (SourceError, cached_archives, fetch_release,
+                                                    read_source)
+from tbo_parity.parity_tests.upstream.lift import load_release
+from tbo_parity.parity_tests.upstream.report import format_report
 
 FLAGS = flags.FlagValues()  # this command's own flags, not absl's global registry
 flags.DEFINE_multi_string("sglang_version", [], "An SGLang release to check (repeatable, or "

@@ -15,8 +15,9 @@ import sys
 import types
 from typing import Callable, Optional
 
-from parity_tests.upstream.fetch import Source
-from parity_tests.upstream.stand_ins import Settings, StandInForwardMode, stand_in_namespace
+from tbo_parity.parity_tests.upstream.fetch import Source
+from tbo_parity.parity_tests.upstream.stand_ins import (Settings, StandInForwardMode,
+                                                        stand_in_namespace)
 
 # ---------------------------------------------------------------------------------------------
 # What the loader knows: the functions of the split rules, by role.

@@ -8,7 +8,7 @@ import dataclasses
 import enum
 from typing import Callable
 
-from parity_tests.upstream.lift import Release, parameters_of
+from tbo_parity.parity_tests.upstream.lift import Release, parameters_of
 
 @dataclasses.dataclass(frozen=True)
 class Raised:

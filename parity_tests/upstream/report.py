@@ -5,8 +5,8 @@ disagreements as pasteable ``SplitCase(...)`` literals.
 
 from __future__ import annotations
 
-from parity_tests.upstream.classify import Report
-from parity_tests.upstream.lift import ROLES
+from tbo_parity.parity_tests.upstream.classify import Report
+from tbo_parity.parity_tests.upstream.lift import ROLES
 
 def format_report(report: Report) -> str:
     release = report.release

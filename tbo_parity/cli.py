@@ -142,7 +142,7 @@ def help_text() -> str:
     lines = [summary, "", "usage:"] + [f"  {line}" for line in usage] + ["", "commands:"]
     for name, (summary, _) in COMMANDS.items():
         lines.append(f"  {name:<8} {summary}")
-    from parity_tests import upstream  # light: its heavy imports are deferred
+    from tbo_parity.parity_tests import upstream  # light: its heavy imports are deferred
 
     for name, (_, names) in COMMANDS.items():
         lines += ["", f"flags of {name}:"]
@@ -221,7 +221,7 @@ def ep_num_experts() -> int:
     """The expert count of the model that `run --nproc` shards over its ranks: ep_parity's
     ranks build it with ``model_parity.make_models(0)``, the spec's ModelConfig defaults
     (imported from there without torch or JAX)."""
-    from reference.weights import ModelConfig
+    from tbo_parity.reference.weights import ModelConfig
 
     return ModelConfig().num_experts
 
@@ -307,8 +307,8 @@ def check_before_work(command: str) -> None:
 
 def check_mode(mode: str, count: int, seed: int) -> dict:
     """Split parity over `count` generated batches of one mode; the first mismatch kept."""
-    from parity_tests.cases import random_cases
-    from parity_tests.split_parity import preparer_mismatches, split_mismatches
+    from tbo_parity.parity_tests.cases import random_cases
+    from tbo_parity.parity_tests.split_parity import preparer_mismatches, split_mismatches
 
     start = time.perf_counter()
     mismatches, first = 0, None
@@ -323,7 +323,7 @@ def check_mode(mode: str, count: int, seed: int) -> dict:
 
 def model_scenarios(ref_cfg) -> dict:
     """name -> (ModelCase, padding sequences, World)."""
-    from parity_tests import model_parity as mp
+    from tbo_parity.parity_tests import model_parity as mp
 
     scenarios = {name: (case, 0, mp.build_world(case, ref_cfg))
                  for name, case in mp.CASES.items()}
@@ -336,7 +336,7 @@ def check_models(device: str, dtype: str):
     """Model parity, one row per named scenario, yielded as each completes."""
     import torch
 
-    from parity_tests import model_parity as mp
+    from tbo_parity.parity_tests import model_parity as mp
 
     # bf16 routes densely (top_k = num_experts): see parity_tests/test_model_parity.py.
     routing = {"num_experts": 4, "top_k": 4} if dtype == "bfloat16" else {}
@@ -371,7 +371,7 @@ def check_graphs(dtype: str, device: str = "cuda"):
     replayed and compared with the eager forward and the JAX spec (graph_parity.check_step).
     On CUDA the runner replays real CUDA graphs; on a CPU it runs the same replay path (static
     buffers, padding, the plugin's counts) with the captured forward called eagerly."""
-    from parity_tests.graph_parity import SCENARIOS, GraphHarness, check_step
+    from tbo_parity.parity_tests.graph_parity import SCENARIOS, GraphHarness, check_step
 
     kind = "graph" if device == "cuda" else "replay-path"  # the dtype is in the table's title
     for tbo in (False, True):
@@ -398,8 +398,8 @@ def check_expert_parallel(nproc: int, device: str):
     one row per check and transport, its cases over all ranks, the worst error."""
     import tempfile
 
-    from parity_tests import ep_parity
-    from parity_tests.model_parity import BOUNDS
+    from tbo_parity.parity_tests import ep_parity
+    from tbo_parity.parity_tests.model_parity import BOUNDS
 
     args = ([f"--dispatchers={','.join(GPU_DISPATCHERS)}", "--device=cuda", "--graphs"]
             if device == "cuda" else [])
@@ -478,7 +478,7 @@ def _print(line: str = "") -> None:
 
 def run_parity(count: int, seed: int, *, model: bool = False, device: str = "cpu",
                dtype: str = "float32", nproc: int = 1) -> int:
-    from parity_tests.cases import MODES
+    from tbo_parity.parity_tests.cases import MODES
 
     rows = []
     _print(_header("split parity (spec vs implementation)", ()))
@@ -543,7 +543,7 @@ def _report_failures(failed: list) -> None:
 
 def run_verify(bounds, workers: int) -> int:
     """The exhaustive check (parity_tests/exhaustive.py): a row per family as it completes."""
-    from parity_tests import exhaustive
+    from tbo_parity.parity_tests import exhaustive
 
     _print(f"every batch within: EXTEND 1..{bounds.max_seqs} sequences of 1..{bounds.max_len} "
            f"tokens at thresholds {', '.join(map(str, bounds.thresholds))} (cached prefixes "
@@ -580,16 +580,16 @@ def run_timeline(nproc: int, device: str, tokens: int, transport: str, out: str)
     import json
     import tempfile
 
-    from parity_tests import ep_parity
-    from parity_tests.timeline import draw_timeline, intervals_from_json, summarize
+    from tbo_parity.parity_tests import ep_parity
+    from tbo_parity.parity_tests.timeline import draw_timeline, intervals_from_json, summarize
 
     args = ["--timeline_only", f"--timeline_tokens={tokens}", f"--device={device}",
             f"--transports={transport}", f"--timeline_transport={transport}"]
     if device == "cpu":
         args += ["--tiny", "--timeline_transport=all_to_all", "--transports=all_to_all"]
     with tempfile.TemporaryDirectory() as tmp:
-        ep_parity.launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S, module="benchmarks.overlap",
-                         report_glob="overlap-nvlink-rank{rank}.json")
+        ep_parity.launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S,
+                         module="tbo_parity.benchmarks.overlap", report_glob="overlap-nvlink-rank{rank}.json")
         with open(os.path.join(tmp, "overlap-nvlink-rank0.json")) as f:
             recorded = json.load(f)["timeline"]
     intervals = intervals_from_json(recorded)
@@ -616,7 +616,7 @@ def _main(argv: list) -> int:
         _print(help_text())
         return 0
     if len(argv) > 1 and argv[1] == "upstream":  # a command with its own flags
-        from parity_tests import upstream
+        from tbo_parity.parity_tests import upstream
 
         return upstream.main([f"{argv[0]} upstream", *argv[2:]], prog="tbo-parity")
     try:
@@ -629,7 +629,7 @@ def _main(argv: list) -> int:
 
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the table
     if command == "verify":
-        from parity_tests.exhaustive import Bounds
+        from tbo_parity.parity_tests.exhaustive import Bounds
 
         bounds = Bounds(FLAGS.max_seqs, FLAGS.max_len, FLAGS.max_bs, FLAGS.max_draft,
                         FLAGS.max_graph_bs)
