@@ -3,7 +3,8 @@ fewer and says why: 2,000 EXTEND batches for the split properties, 1,000 per uni
 every batch size the exhaustive check covers); "quick" is for local iteration:
 HYPOTHESIS_PROFILE=quick pytest.
 
-Also: the suite's process settings (below) and its background jobs (parity_tests/background.py).
+Also: the suite's process settings (below), its second process (parity_tests/second_process.py)
+and its background jobs (parity_tests/background.py).
 """
 
 import os
@@ -12,8 +13,8 @@ import os
 # value already in the environment is kept. The suite's tensors are tiny and it compiles some
 # 2,000 small XLA programs, each run a few times, on 2 cores:
 # - one torch thread: a second one costs more than it brings on tensors this small (a third
-#   less CPU time in test_cuda_graph.py and test_reference_model.py), and the second core is
-#   left to the background jobs;
+#   less CPU time in test_cuda_graph.py and test_reference_model.py), and the second core runs
+#   the suite's second process;
 # - JAX's quick compile (jax_disable_most_optimizations: XLA's backend optimisation level 0,
 #   no expensive LLVM passes), as parity_tests/model_parity.py already asks for the spec
 #   model: compiling, not running, is where the suite spends its JAX time.
@@ -23,7 +24,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tbo_parity.parity_tests import background  # noqa: E402
+from tbo_parity.parity_tests import background, second_process  # noqa: E402
+
+_SECOND = pytest.StashKey()  # the second process of this session, or None
 
 settings.register_profile(
     "default", max_examples=2000, deadline=None, derandomize=True,
@@ -34,12 +37,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
-    """Before the first test: start the background jobs that the selected tests read
-    (parity_tests/background.py). Not at collection: a process that only collects (a fork
-    server) must not hold their thread."""
+    """Before the first test: hand some test files to a second process
+    (parity_tests/second_process.py), then start the background jobs that the tests left here
+    read (parity_tests/background.py). Not at collection: a process that only collects (a fork
+    server) must start neither."""
     if not session.config.option.collectonly:
+        session.config.stash[_SECOND] = second_process.start(session)
         background.start(session.items)
 
 
 def pytest_sessionfinish(session):
     background.stop()
+    second_process.finish(session, session.config.stash.get(_SECOND, None))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    second_process.summary(terminalreporter, config.stash.get(_SECOND, None))
