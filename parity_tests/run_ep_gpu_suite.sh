@@ -12,6 +12,9 @@
 # Writes logs and results under $OUT (default /tmp/tbo-ep) and prints a short summary last.
 set -uo pipefail
 export PYTHONPATH=. JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1
+# One pytest process: the GPU tests lie almost all in the second process's files, and its
+# junit report and durations come from the first process only (parity_tests/second_process.py)
+export TBO_PARITY_ONE_PROCESS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/tbo-ep}
 STAGE=${1:-all}

@@ -12,6 +12,9 @@
 # The JAX spec runs on the CPU (the oracle); PyTorch runs on the GPU.
 set -uo pipefail
 export PYTHONPATH=. JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1
+# One pytest process: the GPU tests lie almost all in the second process's files, and its
+# junit report and durations come from the first process only (parity_tests/second_process.py)
+export TBO_PARITY_ONE_PROCESS=1
 OUT=${OUT:-/tmp/tbo-gpu}
 STAGE=${1:-all}
 mkdir -p "$OUT"

@@ -4,7 +4,7 @@
 # At 1 rank there is no exchange to hide (TBO's speedup is not measured here), but the layout's
 # compute, the grouped GEMM and the weight streaming are the same as on every rank of N.
 set -u
-export PYTHONPATH=. JAX_PLATFORMS=cpu
+export PYTHONPATH=. JAX_PLATFORMS=cpu TBO_PARITY_ONE_PROCESS=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, jax; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'jax', jax.__version__)"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
