@@ -8,6 +8,8 @@ and its background jobs (parity_tests/background.py).
 """
 
 import os
+import shutil
+import tempfile
 
 # Set before torch and jax are imported, and inherited by every process the tests start; a
 # value already in the environment is kept. The suite's tensors are tiny and it compiles some
@@ -17,9 +19,21 @@ import os
 #   the suite's second process;
 # - JAX's quick compile (jax_disable_most_optimizations: XLA's backend optimisation level 0,
 #   no expensive LLVM passes), as parity_tests/model_parity.py already asks for the spec
-#   model: compiling, not running, is where the suite spends its JAX time.
+#   model: compiling, not running, is where the suite spends its JAX time;
+# - one JAX compilation cache for the session (jax_compilation_cache_dir), in a temporary
+#   folder that every process the session starts shares and that the session deletes at its
+#   end: a program compiled once (the spec model at one shape, say) is loaded, not compiled
+#   again, by the second process, `tbo-parity run`'s subprocess, the launched ranks and a
+#   mutation run's forked workers. XLA keys each entry by the program and its compile options,
+#   so a changed program is compiled afresh, never served stale. Each process also keeps its
+#   own in-memory cache, so a cache entry is read at most once per process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tbo-parity-jax-")
+    os.environ["TBO_PARITY_JAX_CACHE_OWNER"] = str(os.getpid())  # who deletes it
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -49,6 +63,12 @@ def pytest_runtestloop(session):
 def pytest_sessionfinish(session):
     background.stop()
     second_process.finish(session, session.config.stash.get(_SECOND, None))
+
+
+def pytest_unconfigure(config):
+    """Delete the session's JAX compilation cache, if this process made it (above)."""
+    if os.environ.get("TBO_PARITY_JAX_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter, config):
