@@ -24,6 +24,7 @@ the ``other`` survivors one by one.
 from __future__ import annotations
 
 import collections
+import pathlib
 import re
 import subprocess
 import sys
@@ -33,17 +34,20 @@ GPU = re.compile(r"cuda|comm_stream|_record\(|_join\(|_fork\(|\.event\b|\btrace\
 STRING = re.compile(r'f?"(?:[^"\\]|\\.)*"' + r"|f?'(?:[^'\\]|\\.)*'")
 
 
+WRAPPER = pathlib.Path(__file__).with_name("mutmut_run.py")  # mutmut in import names
+
+
 def _mutmut(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "mutmut", *args], capture_output=True,
+    return subprocess.run([sys.executable, str(WRAPPER), *args], capture_output=True,
                           text=True, check=False).stdout
 
 
 def survivors() -> list:
-    """(name, status) of every mutant that survived or timed out."""
+    """(name, status) of every mutant that survived, timed out or crashed the interpreter."""
     rows = []
     for line in _mutmut("results", "--all", "true").splitlines():
         name, _, status = line.strip().rpartition(": ")
-        if status in ("survived", "timeout"):
+        if status in ("survived", "timeout", "segfault"):
             rows.append((name, status))
     return rows
 

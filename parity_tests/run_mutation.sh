@@ -29,14 +29,14 @@ mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 
 start=$(date +%s)
 if [ "$seconds" -gt 0 ]; then
-  timeout --signal=INT --kill-after=30 "$seconds" python3 -m mutmut run --max-children "$workers" "$@"
+  timeout --signal=INT --kill-after=30 "$seconds" python3 parity_tests/mutmut_run.py run --max-children "$workers" "$@"
 else
-  python3 -m mutmut run --max-children "$workers" "$@"
+  python3 parity_tests/mutmut_run.py run --max-children "$workers" "$@"
 fi
 status=$?
 echo "mutmut run: exit $status after $(( $(date +%s) - start )) s with $workers workers"
 
-python3 -m mutmut results --all true > mutation-results.txt 2>&1
+python3 parity_tests/mutmut_run.py results --all true > mutation-results.txt 2>&1
 awk '{print $NF}' mutation-results.txt | sort | uniq -c
 if [ -n "${OUT:-}" ]; then
   cp mutation-results.txt "$OUT/"

@@ -199,9 +199,12 @@ def test_padding_written_to_a_real_slot_is_caught(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_plugin_counts_live_on_the_model_device(harness, device):
-    """sglang #28337: the plugin's count buffer was allocated on the wrong device."""
+    """sglang #28337: the plugin's count buffer was allocated on the wrong device. It holds
+    token counts, so it is int64 like every count the graphs read (a float32 count would be
+    exact only up to 2^24 tokens)."""
     h = harness(device, "float32", True)
-    assert h.runner.plugin.children_num_token_non_padded.device == h.model.embed.device
+    counts = h.runner.plugin.children_num_token_non_padded
+    assert counts.device == h.model.embed.device and counts.dtype == torch.int64
     with pytest.raises(ValueError, match="plugin"):
         GraphHarness(device=device, tbo=True, max_bs=2,
                      plugin=TboCudaGraphRunnerPlugin("meta", TboForwardBatchPreparer()))

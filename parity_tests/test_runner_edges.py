@@ -29,6 +29,7 @@ from tbo_parity.reference import split as spec_split
 from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
 from tbo_parity.torch_impl.cuda_graph_runner import (SEQ_LEN_FILL, CaptureSet, CudaGraphRunner,
                                                      GraphKey)
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
 from tbo_parity.torch_impl.forward_mode import ForwardMode
 from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
@@ -97,6 +98,133 @@ def test_batch_size_boundary_replays_the_largest_graph_then_falls_back(context_h
     _, result = h.run_runner(mp.build_world(_case("DECODE", (3, 9, 1, 6, 2)), h.ref_cfg,
                                             h.layout))
     assert not result.replay_path and result.fallback.kind == "batch_size"
+
+
+def test_the_runner_counts_every_replay_and_every_fallback(context_harness):
+    """``replays`` counts each launch of the replay path and ``fallbacks`` each eager fallback,
+    by its reason: three replays add three, two over-long batches add two under "context", and
+    a fallback's result says ``replayed=False`` (a bool, as its type says)."""
+    h = context_harness(False)
+    replays, context = h.runner.replays, h.runner.fallbacks["context"]
+    fits = mp.build_world(_case("DECODE", (GRAPH_CONTEXT - 1, 3)), h.ref_cfg, h.layout)
+    too_long = mp.build_world(_case("DECODE", (GRAPH_CONTEXT, 3)), h.ref_cfg, h.layout)
+    for _ in range(3):
+        assert h.run_runner(fits)[1].replay_path
+    for _ in range(2):
+        result = h.run_runner(too_long)[1]
+        assert result.fallback.kind == "context" and result.replayed is False
+    assert (h.runner.replays, h.runner.fallbacks["context"]) == (replays + 3, context + 2)
+
+
+# --- the runner's configuration, each check on both sides of its boundary ---------------------
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A model and a serving layout (3 requests of 6 columns) to build runners from."""
+    return GraphHarness(device="cpu", tbo=False, max_bs=3, max_context_len=6, batch_sizes=(1,),
+                        draft_token_nums=())
+
+
+def _build(h: GraphHarness, **overrides) -> CudaGraphRunner:
+    """A runner of one DECODE graph over fresh copies of the harness's pools (a capture
+    writes the padding slot and row)."""
+    pool = overrides.pop("kv_pool", None) or h.pool.clone()
+    req_to_token = overrides.pop("req_to_token", h.req_to_token.clone())
+    kwargs = dict(max_context_len=h.max_context_len, padding_slot=h.layout.padding_slot,
+                  padding_req_row=h.layout.padding_req_row, batch_sizes=(1,)) | overrides
+    return CudaGraphRunner(h.model, pool, req_to_token, **kwargs)
+
+
+def _config_cases(h: GraphHarness) -> list:
+    """(overrides, None if accepted else the argument the refusal starts with)."""
+    rows, columns = h.req_to_token.shape
+    slots = h.pool.k.shape[1]
+    return [
+        (dict(draft_token_nums=(1,)), None), (dict(draft_token_nums=(1, 2)), None),
+        (dict(draft_token_nums=(0,)), "draft_token_nums"),
+        (dict(draft_token_nums=(True,)), "draft_token_nums"),
+        (dict(draft_token_nums=(1.0,)), "draft_token_nums"),
+        # A padding sequence reads seq_len 1 plus its drafts: max_context_len from 1 + max d
+        # (1 with no drafts) to the table's width.
+        (dict(max_context_len=1), None), (dict(max_context_len=0), "max_context_len"),
+        (dict(max_context_len=4, draft_token_nums=(3,)), None),
+        (dict(max_context_len=3, draft_token_nums=(3,)), "max_context_len"),
+        (dict(max_context_len=columns), None),
+        (dict(max_context_len=columns + 1), "max_context_len"),
+        (dict(max_context_len=True), "max_context_len"),
+        (dict(max_context_len=float(columns)), "max_context_len"),
+        (dict(padding_slot=0), None), (dict(padding_slot=slots - 1), None),
+        (dict(padding_slot=slots), "padding_slot"), (dict(padding_slot=-1), "padding_slot"),
+        (dict(padding_slot=1.0), "padding_slot"), (dict(padding_slot=True), "padding_slot"),
+        (dict(padding_req_row=0), None), (dict(padding_req_row=rows - 1), None),
+        (dict(padding_req_row=rows), "padding_req_row"),
+        (dict(padding_req_row=1.0), "padding_req_row"),
+        # Pools on another device than the model ("meta" stands in for a second device).
+        (dict(req_to_token=h.req_to_token.to("meta")), "req_to_token"),
+        (dict(kv_pool=dataclasses.replace(h.pool.clone(), k=h.pool.k.to("meta"))), "kv_pool.k"),
+        (dict(kv_pool=dataclasses.replace(h.pool.clone(), v=h.pool.v.to("meta"))), "kv_pool.v"),
+    ]
+
+
+def test_configuration_boundaries_accept_the_last_valid_value_and_refuse_the_first_invalid(
+        parts):
+    """Each check of the runner's configuration on both sides of its boundary: the accepted
+    values build a runner; each refusal is a ValueError whose message starts with the
+    argument, before anything is captured."""
+    for overrides, refused in _config_cases(parts):
+        if refused is None:
+            assert isinstance(_build(parts, **overrides), CudaGraphRunner), overrides
+        else:
+            with pytest.raises(ValueError, match=f"^{refused}"):
+                _build(parts, **overrides)
+
+
+def test_without_decode_graphs_decode_and_idle_fall_back_for_their_mode(parts):
+    """A runner of TARGET_VERIFY graphs only: a DECODE batch and an IDLE one (which replays the
+    DECODE graphs) both run eagerly, each refused for its mode, and the reasons say which
+    graphs are missing; a refusal names its numbers (the batch size, the context)."""
+    runner = _build(parts, decode=False, draft_token_nums=(3,), max_context_len=5)
+    decode = mp.torch_batch(mp.build_world(_case("DECODE", (2,)), parts.ref_cfg, parts.layout),
+                            dtype=torch.float32, device="cpu",
+                            pools=(runner.req_to_token, runner.kv_pool))
+    empty = torch.zeros(0, dtype=torch.int64)
+    idle = ForwardBatch(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
+                        positions=empty, out_cache_loc=empty, req_pool_indices=empty,
+                        seq_lens=empty, seq_lens_cpu=empty, req_to_token=runner.req_to_token,
+                        kv_pool=runner.kv_pool)
+    for batch, reason in ((decode, "no DECODE graphs"), (idle, "IDLE replays the DECODE")):
+        result = runner.forward(batch)
+        assert not result.replay_path and result.fallback.kind == "mode", result.fallback
+        assert result.fallback.message.startswith(reason), result.fallback
+    assert dict(runner.fallbacks) == {"mode": 2}
+
+
+def test_fallback_reasons_name_the_size_and_context_refused(context_harness):
+    h = context_harness(False)
+    too_many = h.run_runner(mp.build_world(_case("DECODE", (3, 9, 1, 6, 2)), h.ref_cfg,
+                                           h.layout))[1]
+    assert "batch_size=5" in too_many.fallback.message and "(4)" in too_many.fallback.message
+    too_long = h.run_runner(mp.build_world(_case("DECODE", (GRAPH_CONTEXT, 3)), h.ref_cfg,
+                                           h.layout))[1]
+    assert f"max_context_len={GRAPH_CONTEXT}" in too_long.fallback.message
+
+
+def test_the_tbo_eager_forward_splits_every_batch_but_an_idle_one(context_harness, monkeypatch):
+    """Under TBO the runner's eager forward (its fallback) runs the batch split in two by the
+    preparer, as the replay does; an IDLE batch has nothing to split and is not prepared."""
+    h = context_harness(True)
+    prepared = []
+    real_prepare = TboForwardBatchPreparer.prepare
+    monkeypatch.setattr(TboForwardBatchPreparer, "prepare", lambda self, batch: (
+        prepared.append(batch.forward_mode) or real_prepare(self, batch)))
+    h.run_eager(mp.build_world(_case("DECODE", (3, 9)), h.ref_cfg, h.layout))
+    empty = torch.zeros(0, dtype=torch.int64)
+    h.runner.eager(ForwardBatch(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
+                                positions=empty, out_cache_loc=empty, req_pool_indices=empty,
+                                seq_lens=empty, seq_lens_cpu=empty, req_to_token=h.req_to_token,
+                                kv_pool=h.pool))
+    assert prepared == [ForwardMode.DECODE]
 
 
 # --- which graphs, by key ---------------------------------------------------------------------
