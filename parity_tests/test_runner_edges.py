@@ -200,6 +200,21 @@ def test_without_decode_graphs_decode_and_idle_fall_back_for_their_mode(parts):
     assert dict(runner.fallbacks) == {"mode": 2}
 
 
+def test_a_verify_batch_without_spec_info_is_refused_before_anything_runs(context_harness):
+    """Its draft count picks the graph: without one the runner neither replays nor falls back
+    (the eager forward would fail inside attention), it refuses the batch."""
+    h = context_harness(False)
+    world = mp.build_world(_case("TARGET_VERIFY", (3, 5), 3), h.ref_cfg, h.layout)
+    batch = dataclasses.replace(h.batch(world), spec_info=None)
+    fallbacks, replays = dict(h.runner.fallbacks), h.runner.replays
+    h.reset_pool()
+    for call in (h.runner.forward, h.runner.refusal, h.runner.prepare_replay):
+        with pytest.raises(ValueError, match="^batch.spec_info is required in TARGET_VERIFY"):
+            call(batch)
+    assert (dict(h.runner.fallbacks), h.runner.replays) == (fallbacks, replays)
+    assert torch.equal(h.pool.k, h.initial.k) and torch.equal(h.pool.v, h.initial.v)
+
+
 def test_fallback_reasons_name_the_size_and_context_refused(context_harness):
     h = context_harness(False)
     too_many = h.run_runner(mp.build_world(_case("DECODE", (3, 9, 1, 6, 2)), h.ref_cfg,

@@ -35,7 +35,10 @@ def _mode_refusal(batch: ForwardBatch, capture: CaptureSet) -> Optional[Refusal]
         if not capture.decode:
             return Refusal("mode", "no DECODE graphs were captured")
     elif mode is ForwardMode.TARGET_VERIFY:
-        d = batch.spec_info.draft_token_num if batch.spec_info is not None else None
+        if batch.spec_info is None:
+            raise ValueError("batch.spec_info is required in TARGET_VERIFY (its draft count "
+                             "picks the graph)")
+        d = batch.spec_info.draft_token_num
         if not capture.has_verify(d):
             return Refusal("draft_token_num", f"no TARGET_VERIFY graph for draft_token_num={d} "
                                               f"(captured: {list(capture.draft_token_nums)})")
