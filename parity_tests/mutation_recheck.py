@@ -10,9 +10,10 @@ This runs each named mutant against every test file of ``FILES`` that exercises 
 in the ``mutants/`` tree that ``mutmut run`` left, with the mutant switched on through
 ``MUTANT_UNDER_TEST`` (inherited by the child processes, which run it too)::
 
-    python parity_tests/mutation_recheck.py NAMES_FILE [--workers=N] [--seconds=S] > out.tsv
+    python parity_tests/mutation_recheck.py NAMES_FILE [--workers=N] [--seconds=S] [--files=F]
 
-NAMES_FILE holds one mutant name a line. Each output line is ``name<TAB>result``: ``killed``
+NAMES_FILE holds one mutant name a line; ``--files=a.py,b.py`` runs every mutant against those
+files instead (a quicker first pass). Each output line is ``name<TAB>result``: ``killed``
 (a test failed), ``survived`` (every test passed), ``timeout`` (over ``PER_MUTANT_S``) or
 ``not run`` (the time ``--seconds`` ran out first). pytest stops at the first failure (``-x``).
 """
@@ -45,15 +46,12 @@ FILES = {
 PER_MUTANT_S = 600
 
 
-def files_for(name: str) -> list:
-    prefix = max((p for p in FILES if name.startswith(p)), key=len, default=None)
+def files_for(name: str, files: dict = FILES) -> list:
+    """The test files to run the mutant ``name`` against (``files``: by module prefix)."""
+    prefix = max((p for p in files if name.startswith(p)), key=len, default=None)
     if prefix is None:
         raise ValueError(f"no test files for the mutant {name!r}")
-    return [f"parity_tests/{f}" for f in FILES[prefix]]
-
-
-def recheck(name: str, env: dict, deadline: float) -> str:
-    return recheck_files(files_for(name), name, env, deadline)
+    return [f"parity_tests/{f}" for f in files[prefix]]
 
 
 def recheck_files(files: list, name: str, env: dict, deadline: float) -> str:
@@ -75,23 +73,28 @@ def main(argv=None) -> int:
     parser.add_argument("names_file")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seconds", type=float, default=10 ** 9)
+    parser.add_argument("--files", default=None,
+                        help="comma-separated test files (in parity_tests/) for every mutant, "
+                             "instead of those of its module")
     args = parser.parse_args(argv)
+    files = {"tbo_parity.": args.files.split(",")} if args.files else FILES
     if args.workers < 1:
         raise SystemExit("mutation_recheck: --workers must be at least 1")
     with open(args.names_file) as f:
         names = [line.strip() for line in f if line.strip()]
     for name in names:
-        files_for(name)  # every name is checked before any test runs
+        files_for(name, files)  # every name is checked before any test runs
     deadline = time.time() + args.seconds
     env = _environment()
-    groups = sorted({tuple(files_for(name)) for name in names})
+    groups = sorted({tuple(files_for(name, files)) for name in names})
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:  # no mutant: all pass?
         clean = list(pool.map(lambda g: recheck_files(list(g), "", env, deadline), groups))
     if clean != ["survived"] * len(groups):
         bad = [g for g, r in zip(groups, clean) if r != "survived"]
         raise SystemExit(f"mutation_recheck: without a mutant these files fail: {bad}")
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        results = pool.map(lambda n: (n, recheck(n, env, deadline)), names)
+        results = pool.map(
+            lambda n: (n, recheck_files(files_for(n, files), n, env, deadline)), names)
         for name, result in results:
             print(f"{name}\t{result}", flush=True)
     return 0
