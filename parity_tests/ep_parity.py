@@ -401,10 +401,12 @@ def worker_main(argv) -> int:
     flags.DEFINE_bool("graphs", False, "also CUDA-graph replay (cuda only)", flag_values=FLAGS)
     flags.DEFINE_list("scenarios", None, "model scenarios to run (default: all)",
                       flag_values=FLAGS)
-    flags.DEFINE_enum("fault", None, list(FAULTS),
-                      "negative tests only: plant a bug on rank 0 (rotate_destinations: its "
-                      "pairs go to the wrong ranks, capacity layout; counts_short: one count "
-                      "one row short, packed layout); parity must then fail", flag_values=FLAGS)
+    flags.DEFINE_multi_enum("fault", [], list(FAULTS),
+                            "negative tests only: plant a bug on rank 0, in the dispatchers of "
+                            "its layout (rotate_destinations: its pairs go to the wrong ranks, "
+                            "capacity layout; counts_short: one count one row short, packed "
+                            "layout); parity must then fail. Repeat the flag for both",
+                            flag_values=FLAGS)
     FLAGS(argv)
 
     import torch
@@ -424,8 +426,9 @@ def worker_main(argv) -> int:
         layout, transport = key.split("/")
         kwargs = dict(hidden_size=torch_cfg.hidden_size, max_capacity=128, dtype=dtype,
                       device=device, transport=transport)
-        if FLAGS.fault and rank == 0 and FAULTS[FLAGS.fault] == layout:
-            dispatchers[key] = faulty_dispatcher_type(FLAGS.fault)(
+        fault = next((f for f in FLAGS.fault if FAULTS[f] == layout), None) if rank == 0 else None
+        if fault is not None:
+            dispatchers[key] = faulty_dispatcher_type(fault)(
                 torch_cfg.num_experts, **kwargs,
                 **({"top_k": torch_cfg.top_k} if layout == "packed" else {}))
         else:
