@@ -301,6 +301,11 @@ def test_the_one_device_simulation_and_the_pieces_reject_bad_input():
         ep.return_send_buffer(np.zeros((2, 25, 16)), num_ranks=4)
     with pytest.raises(ValueError, match="buffers"):
         ep.exchange(np.zeros((4, 3, 2)))
+    # Values without a shape (a list, a number) are refused by name too, not an AttributeError.
+    with pytest.raises(ValueError, match=r"^h must be a 2-D array, got shape None"):
+        ep.dispatch_send_buffer(h.tolist(), ids, num_ranks=4, num_experts=8)
+    with pytest.raises(ValueError, match=r"^back must be a 3-D array, got shape None"):
+        ep.combine_from_back(0.0, w, ids)
 
 
 def test_a_one_device_mesh_runs_in_process():
