@@ -43,7 +43,7 @@ CHILD_TIMEOUT_S = 300
 LAYOUT_ARGS = ("num_ranks", "num_experts")
 slot_map = jax.jit(ep.dispatch_slots, static_argnames=LAYOUT_ARGS)
 dispatch_all_ranks = jax.jit(ep.dispatch_all_ranks, static_argnames=LAYOUT_ARGS)
-one_device = jax.jit(ep.ep_routed_moe_on_one_device, static_argnames=("num_ranks",))
+one_device = jax.jit(ep.ep_routed_moe_on_one_device, static_argnames=("num_ranks", "layout"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,15 +212,17 @@ def test_combine_from_back_sums_the_picked_rows_in_k_order():
     np.testing.assert_allclose(got, want, rtol=0, atol=F64_BOUND * np.abs(want).max())
 
 
+@pytest.mark.parametrize("layout", ep.LAYOUTS)
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_the_per_rank_functions_are_jit_and_vmap_able(num_ranks):
+def test_the_per_rank_functions_are_jit_and_vmap_able(num_ranks, layout):
     """``ep_routed_moe_on_one_device`` (every rank ``vmap``-ed, all-to-alls as axis swaps)
-    under ``jit`` equals the single-device MoE in float64."""
+    under ``jit`` equals the single-device MoE in float64, in both layouts (the mesh child
+    checks ``ep_routed_moe`` in both; this is the one-device simulation of each)."""
     data = check.make_case("k_beyond_local", num_ranks)
     with jax.enable_x64(True):
         want = check.reference_routed(data, num_ranks)
         args = [data[k] for k in ("h", "topk_w", "topk_ids", "gate", "up", "down")]
-        got = one_device(*args, num_ranks=num_ranks)
+        got = one_device(*args, num_ranks=num_ranks, layout=layout)
         assert got.dtype == jnp.float64
     assert np.abs(np.asarray(got) - want).max() <= F64_BOUND * np.abs(want).max()
 
