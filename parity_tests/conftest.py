@@ -29,11 +29,11 @@ import tempfile
 #   own in-memory cache, so a cache entry is read at most once per process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # cache every program
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else the caller's (a mutation run's) folder
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tbo-parity-jax-")
     os.environ["TBO_PARITY_JAX_CACHE_OWNER"] = str(os.getpid())  # who deletes it
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

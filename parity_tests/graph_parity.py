@@ -25,6 +25,8 @@ import torch
 
 from tbo_parity.parity_tests import model_parity as mp
 from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner
+from tbo_parity.torch_impl.forward_batch import ForwardBatch
+from tbo_parity.torch_impl.forward_mode import ForwardMode
 from tbo_parity.torch_impl.kv_cache import KVPool
 
 
@@ -140,6 +142,15 @@ BOUNDS = {
     "float32": {"eager": 1e-5, "spec": 1e-5},
     "bfloat16": {"eager": 2e-2, "spec": BF16_ROUNDINGS * 2.0 ** -9},
 }
+
+
+def idle_batch(req_to_token: torch.Tensor, kv_pool: KVPool) -> ForwardBatch:
+    """An IDLE batch (no sequence, no token) on these pools, on their device."""
+    empty = torch.zeros(0, dtype=torch.int64, device=req_to_token.device)
+    return ForwardBatch(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
+                        positions=empty, out_cache_loc=empty, req_pool_indices=empty,
+                        seq_lens=empty, seq_lens_cpu=empty.cpu(), req_to_token=req_to_token,
+                        kv_pool=kv_pool)
 
 
 def normwise_errors(got: dict, want: dict) -> dict:

@@ -101,12 +101,12 @@ def main(argv=None) -> int:
 
 
 def _environment() -> dict:
+    """One process per test run, and one compilation cache folder for all of them
+    (parity_tests/conftest.py sets the cache's other settings)."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                           os.path.join(tempfile.gettempdir(), "tbo-parity-mutation-jax"))
     return os.environ | {"TBO_PARITY_ONE_PROCESS": "1", "OMP_NUM_THREADS": "1",
-                        "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-                            "JAX_COMPILATION_CACHE_DIR",
-                            os.path.join(tempfile.gettempdir(), "tbo-parity-mutation-jax")),
-                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+                         "JAX_COMPILATION_CACHE_DIR": cache}
 
 
 if __name__ == "__main__":

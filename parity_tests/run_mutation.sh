@@ -23,8 +23,8 @@ shift $(( $# < 2 ? $# : 2 ))
 
 export CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu HYPOTHESIS_PROFILE=quick OMP_NUM_THREADS=1
 export TBO_PARITY_ONE_PROCESS=1 PYTHONDONTWRITEBYTECODE=1
+# One folder for every worker (parity_tests/conftest.py sets the cache's other settings).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/tbo-parity-mutation-jax}
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 
 start=$(date +%s)

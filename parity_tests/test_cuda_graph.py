@@ -24,11 +24,10 @@ import pytest
 import torch
 
 from tbo_parity.parity_tests import model_parity as mp
-from tbo_parity.parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, check_step
+from tbo_parity.parity_tests.graph_parity import (SCENARIOS, GraphHarness, GraphScenario,
+                                                  check_step, idle_batch)
 from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
 from tbo_parity.torch_impl.cuda_graph_runner import CudaGraphRunner
-from tbo_parity.torch_impl.forward_batch import ForwardBatch
-from tbo_parity.torch_impl.forward_mode import ForwardMode
 from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
 cuda = pytest.param("cuda", marks=[
@@ -110,14 +109,6 @@ def test_single_sequence_in_the_largest_graph(device, tbo):
         assert report["ok"] and report["graph_bs"] == MAX_BS[device], (name, report)
 
 
-def _idle_batch(h: GraphHarness) -> ForwardBatch:
-    empty = torch.zeros(0, dtype=torch.int64, device=h.device)
-    return ForwardBatch(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
-                        positions=empty, out_cache_loc=empty, req_pool_indices=empty,
-                        seq_lens=empty, seq_lens_cpu=empty.cpu(), req_to_token=h.req_to_token,
-                        kv_pool=h.pool)
-
-
 @pytest.mark.parametrize("tbo", [False, True], ids=["plain", "tbo"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_idle_replays_the_smallest_decode_graph(harness, device, tbo):
@@ -125,7 +116,7 @@ def test_idle_replays_the_smallest_decode_graph(harness, device, tbo):
     upstream once disabled graphs under TBO when a rank was idle (sglang #18320)."""
     h = harness(device, "float32", tbo)
     h.reset_pool()
-    result = h.runner.forward(_idle_batch(h))
+    result = h.runner.forward(idle_batch(h.req_to_token, h.pool))
     assert result.replay_path and result.fallback is None
     # a CUDA graph on a GPU; on a CPU the replay path without one, and it says so
     assert (result.replayed, result.emulated) == ((True, False) if device == "cuda"
@@ -219,7 +210,7 @@ def test_verify_and_decode_graphs_give_each_child_tokens(harness, device):
         for bs in range(1, MAX_BS[device] + 1):
             plan = h.runner.plan(h.batch(h.world(scenario, bs, seed=bs)))
             assert 0 < plan.split_token_index < plan.num_tokens, (scenario, bs, plan)
-    plan = h.runner.plan(_idle_batch(h))
+    plan = h.runner.plan(idle_batch(h.req_to_token, h.pool))
     assert 0 < plan.split_token_index < plan.num_tokens, ("IDLE", plan)
 
 

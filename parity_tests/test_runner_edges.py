@@ -23,13 +23,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tbo_parity.parity_tests import model_parity as mp
-from tbo_parity.parity_tests.graph_parity import SCENARIOS, GraphHarness, GraphScenario, check_step
+from tbo_parity.parity_tests.graph_parity import (SCENARIOS, GraphHarness, GraphScenario,
+                                                  check_step, idle_batch)
 from tbo_parity.reference import replay_plan as spec
 from tbo_parity.reference import split as spec_split
 from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
 from tbo_parity.torch_impl.cuda_graph_runner import (SEQ_LEN_FILL, CaptureSet, CudaGraphRunner,
                                                      GraphKey)
-from tbo_parity.torch_impl.forward_batch import ForwardBatch
 from tbo_parity.torch_impl.forward_mode import ForwardMode
 from tbo_parity.torch_impl.two_batch_overlap import TboCudaGraphRunnerPlugin
 
@@ -188,11 +188,7 @@ def test_without_decode_graphs_decode_and_idle_fall_back_for_their_mode(parts):
     decode = mp.torch_batch(mp.build_world(_case("DECODE", (2,)), parts.ref_cfg, parts.layout),
                             dtype=torch.float32, device="cpu",
                             pools=(runner.req_to_token, runner.kv_pool))
-    empty = torch.zeros(0, dtype=torch.int64)
-    idle = ForwardBatch(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
-                        positions=empty, out_cache_loc=empty, req_pool_indices=empty,
-                        seq_lens=empty, seq_lens_cpu=empty, req_to_token=runner.req_to_token,
-                        kv_pool=runner.kv_pool)
+    idle = idle_batch(runner.req_to_token, runner.kv_pool)
     for batch, reason in ((decode, "no DECODE graphs"), (idle, "IDLE replays the DECODE")):
         result = runner.forward(batch)
         assert not result.replay_path and result.fallback.kind == "mode", result.fallback
@@ -234,11 +230,7 @@ def test_the_tbo_eager_forward_splits_every_batch_but_an_idle_one(context_harnes
     monkeypatch.setattr(TboForwardBatchPreparer, "prepare", lambda self, batch: (
         prepared.append(batch.forward_mode) or real_prepare(self, batch)))
     h.run_eager(mp.build_world(_case("DECODE", (3, 9)), h.ref_cfg, h.layout))
-    empty = torch.zeros(0, dtype=torch.int64)
-    h.runner.eager(ForwardBatch(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
-                                positions=empty, out_cache_loc=empty, req_pool_indices=empty,
-                                seq_lens=empty, seq_lens_cpu=empty, req_to_token=h.req_to_token,
-                                kv_pool=h.pool))
+    h.runner.eager(idle_batch(h.req_to_token, h.pool))
     assert prepared == [ForwardMode.DECODE]
 
 
