@@ -9,8 +9,15 @@ alone (docs/model.md, "Expert parallelism").
 A rank is a process. ``launch`` starts N of them on this host with the environment
 ``torchrun`` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the worker also
 runs under ``torchrun --nproc-per-node N -m tbo_parity.parity_tests.ep_parity
---out_dir=...``. Each rank writes ``rank<r>.json``; ``launch`` kills every rank if one fails or time runs out, and never
-waits without a limit.
+--out_dir=...``. Each rank writes ``rank<r>.json``; ``launch`` kills every rank if one fails or
+time runs out, and never waits without a limit.
+
+The ranks run the PyTorch side only. A model or graph row names the batch it ran (the
+scenario, the rank) and its outputs go to ``rank<r>.npz``; ``check_launch`` (``launch`` and
+then ``compare_with_spec``) runs the JAX spec on each batch in the launching process, once per
+distinct batch however many ranks, dispatchers or launches ran it (``spec_outputs``), and
+writes the comparisons into the rows. Run under ``torchrun``, the worker leaves that step to
+``compare_with_spec``.
 
 Checks on every rank (each a row of the JSON):
 
@@ -26,6 +33,7 @@ Checks on every rank (each a row of the JSON):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -113,6 +121,86 @@ def launch(nproc: int, out_dir: str, args: Sequence[str] = (), *, timeout_s: flo
     for rank in range(nproc):
         with open(os.path.join(out_dir, report_glob.format(rank=rank))) as f:
             reports.append(json.load(f))
+    return reports
+
+
+def check_launch(nproc: int, out_dir: str, args: Sequence[str] = (), **launch_kwargs) -> list:
+    """``launch`` this module's worker, then ``compare_with_spec``: the ranks' reports with
+    every model and graph row held against the spec."""
+    return compare_with_spec(launch(nproc, out_dir, args, **launch_kwargs), out_dir)
+
+
+# --- the spec, in the launching process --------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def spec_outputs(batch, dtype_name: str) -> dict:
+    """The JAX spec's outputs (read-only arrays) on ``batch``: what a ``model_scenarios``
+    function returns for a rank, or ``("graph", rank, mode)`` for ``graph_world``'s. Cached:
+    the spec is a pure function of the batch, and batches recur (on every dispatcher, and on
+    the same rank of another launch)."""
+    from tbo_parity.parity_tests import model_parity as mp
+
+    ref_cfg, weights = _spec_model()
+    if isinstance(batch, tuple) and batch[0] == "graph":
+        world = graph_world(batch[1], batch[2], ref_cfg)
+    else:
+        world = _world(batch, ref_cfg)
+    if dtype_name == "bfloat16":
+        world, weights = mp.bf16_oracle_inputs(world, weights)
+    outputs = mp.run_jax(world, ref_cfg, weights)
+    for array in outputs.values():
+        array.flags.writeable = False
+    return outputs
+
+
+@functools.lru_cache(maxsize=1)
+def _spec_model() -> tuple:
+    """(JAX config, numpy weights) of the ranks' model (``make_models(0)``)."""
+    from tbo_parity.parity_tests import model_parity as mp
+
+    ref_cfg, _, weights, _ = mp.make_models(0)
+    return ref_cfg, weights
+
+
+def _batch_of(row: dict, rank: int, world_size: int):
+    """The batch a model or graph row ran, as ``spec_outputs`` takes it."""
+    if row["check"] == "model":
+        return model_scenarios(world_size)[row["name"]](rank)
+    return "graph", rank, row["mode"]
+
+
+def compare_with_spec(reports: list, out_dir: str) -> list:
+    """Fill each model and graph row of the ranks' ``reports`` with its comparison against the
+    spec (the outputs are read from ``rank<r>.npz`` in ``out_dir``): ``errors`` (relative, per
+    output), ``error`` (their max) and ``expert_load_equal``; a model row also
+    ``shapes_equal`` and ``zero_load_experts`` (experts the spec gave no token)."""
+    import numpy as np
+
+    from tbo_parity.parity_tests import model_parity as mp
+
+    for report in reports:
+        rank, world_size = report["rank"], report["world_size"]
+        with np.load(os.path.join(out_dir, f"rank{rank}.npz")) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        for row in report["rows"]:
+            if "outputs" not in row:
+                continue
+            key = row.pop("outputs")
+            want = spec_outputs(_batch_of(row, rank, world_size), report["dtype"])
+            model = row["check"] == "model"
+            names = mp.OUTPUTS if model else ("hidden", "logits")
+            got = {name: arrays[f"{key}/{name}"] for name in names + ("expert_load",)}
+            if model:
+                errors = mp.relative_errors(got, want)
+                # relative_errors broadcasts: a wrong row count must fail on its own
+                row["shapes_equal"] = all(got[n].shape == want[n].shape for n in got)
+                row["zero_load_experts"] = int((want["expert_load"].sum(0) == 0).sum())
+            else:
+                errors = {name: _relative(got[name], want[name]) for name in names}
+            row["errors"], row["error"] = errors, max(errors.values())
+            row["expert_load_equal"] = bool(np.array_equal(got["expert_load"],
+                                                           want["expert_load"]))
     return reports
 
 
@@ -249,10 +337,10 @@ def _world(spec, ref_cfg):
     return mp.build_world(spec, ref_cfg)
 
 
-def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=None) -> list:
-    """Plain and TBO forwards of every scenario against this rank's JAX spec."""
-    import numpy as np
-
+def check_model(model, ref_cfg, outputs: dict, *, dtype_name, rank, world_size,
+                only=None) -> list:
+    """Plain and TBO forwards of every scenario; each row's outputs go into ``outputs`` under
+    the row's ``"outputs"`` key, for ``compare_with_spec``."""
     from tbo_parity.parity_tests import model_parity as mp
     from tbo_parity.torch_impl.attention import TboAttnBackend
     from tbo_parity.torch_impl.batch_splitter import TboForwardBatchPreparer
@@ -264,9 +352,6 @@ def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=N
         if only is not None and name not in only:
             continue
         world = _world(make(rank), ref_cfg)
-        spec_in = (mp.bf16_oracle_inputs(world, weights) if dtype_name == "bfloat16"
-                   else (world, weights))
-        want = mp.run_jax(spec_in[0], ref_cfg, spec_in[1])
         for tbo in (False, True):
             batch = mp.torch_batch(world, dtype=mp.TORCH_DTYPES[dtype_name], device=device)
             backend = TboAttnBackend()
@@ -276,31 +361,45 @@ def check_model(model, ref_cfg, weights, *, dtype_name, rank, world_size, only=N
             if not batch.forward_mode.is_idle():
                 backend.init_forward_metadata(batch)
             out = model(batch, backend, ep_step=step)
-            got = {"hidden": out.hidden.float().cpu().numpy(),
-                   "logits": out.logits.float().cpu().numpy(),
-                   "k_pool": batch.kv_pool.k.float().cpu().numpy(),
-                   "v_pool": batch.kv_pool.v.float().cpu().numpy(),
-                   "expert_load": out.expert_load.cpu().numpy()}
-            errors = mp.relative_errors(got, want)
+            key = len(outputs)
+            outputs[key] = {"hidden": out.hidden.float().cpu().numpy(),
+                            "logits": out.logits.float().cpu().numpy(),
+                            "k_pool": batch.kv_pool.k.float().cpu().numpy(),
+                            "v_pool": batch.kv_pool.v.float().cpu().numpy(),
+                            "expert_load": out.expert_load.cpu().numpy()}
             rows.append({"check": "model", "name": name, "tbo": tbo, "mode": world.case.mode,
                          "capacity": step.capacity, "micro_batches": step.micro_batches,
                          "strategy": step.strategy, "tokens": batch.num_tokens,
                          "child_tokens": None if batch.tbo_children is None else [
                              end - start for start, end in (c.tbo_parent_token_range
                                                             for c in batch.tbo_children)],
-                         # relative_errors broadcasts: a wrong row count must fail on its own
-                         "shapes_equal": all(got[n].shape == want[n].shape for n in got),
-                         "errors": errors, "error": max(errors.values()),
-                         "expert_load_equal": bool(np.array_equal(got["expert_load"],
-                                                                  want["expert_load"])),
-                         "zero_load_experts": int((want["expert_load"].sum(0) == 0).sum())})
+                         "outputs": key})
     return rows
 
 
-def check_graphs(model, ref_cfg, weights, *, dtype_name, rank, world_size) -> list:
-    """CUDA-graph replay on every rank: each rank its own batch size, all ranks the graph
-    that fits the largest rank's batch (``dp_batch_size``), plain and TBO."""
+GRAPH_MAX_BS, GRAPH_CONTEXT = 16, 24  # check_graphs' serving layout
+
+
+def graph_world(rank: int, mode: str, ref_cfg):
+    """The batch rank ``rank`` replays in ``check_graphs`` (DECODE or TARGET_VERIFY with 3
+    drafts): ``2 + 3 * rank`` sequences on the graphs' serving layout."""
     import numpy as np
+
+    from tbo_parity.parity_tests import model_parity as mp
+
+    layout = mp.serving_layout(ref_cfg, GRAPH_MAX_BS, GRAPH_CONTEXT, 0)
+    real_bs = 2 + 3 * rank  # ranks differ: every rank but the last pads more
+    rng = np.random.default_rng(70 + rank)
+    prefix = tuple(int(p) for p in rng.integers(1, GRAPH_CONTEXT - 3, size=real_bs))
+    case = mp.ModelCase(mode, prefix, draft_token_num=3 if mode == "TARGET_VERIFY" else None,
+                        tree=True, seed=70 + rank)
+    return mp.build_world(case, ref_cfg, layout)
+
+
+def check_graphs(model, ref_cfg, outputs: dict, *, dtype_name, rank, world_size) -> list:
+    """CUDA-graph replay on every rank: each rank its own batch size, all ranks the graph
+    that fits the largest rank's batch (``dp_batch_size``), plain and TBO. Outputs as in
+    ``check_model``."""
     import torch
     import torch.distributed as dist
 
@@ -311,40 +410,30 @@ def check_graphs(model, ref_cfg, weights, *, dtype_name, rank, world_size) -> li
     rows = []
     device = model.embed.device
     dtype = mp.TORCH_DTYPES[dtype_name]
-    max_bs, context = 16, 24
-    layout = mp.serving_layout(ref_cfg, max_bs, context, 0)
+    layout = mp.serving_layout(ref_cfg, GRAPH_MAX_BS, GRAPH_CONTEXT, 0)
     dp_bs = 2 + 3 * (world_size - 1)
     for tbo in (False, True):
         req_to_token = torch.tensor(layout.req_to_token, device=device)
         pool = KVPool(torch.tensor(layout.k_pool).to(device, dtype),
                       torch.tensor(layout.v_pool).to(device, dtype))
         runner = CudaGraphRunner(
-            model, pool, req_to_token, max_context_len=context,
+            model, pool, req_to_token, max_context_len=GRAPH_CONTEXT,
             padding_slot=layout.padding_slot, padding_req_row=layout.padding_req_row,
             draft_token_nums=(3,), batch_sizes=[2, 4, 8, 16] if tbo else [1, 2, 4, 8, 16],
             tbo=tbo)
-        for mode, draft in (("DECODE", None), ("TARGET_VERIFY", 3)):
-            real_bs = 2 + 3 * rank  # ranks differ: every rank but the last pads more
-            rng = np.random.default_rng(70 + rank)
-            prefix = tuple(int(p) for p in rng.integers(1, context - 3, size=real_bs))
-            case = mp.ModelCase(mode, prefix, draft_token_num=draft, tree=True,
-                                seed=70 + rank)
-            world = mp.build_world(case, ref_cfg, layout)
+        for mode in ("DECODE", "TARGET_VERIFY"):
+            world = graph_world(rank, mode, ref_cfg)
             pool.k.copy_(torch.tensor(layout.k_pool).to(device, dtype))
             pool.v.copy_(torch.tensor(layout.v_pool).to(device, dtype))
             batch = mp.torch_batch(world, dtype=dtype, device=device,
                                    pools=(req_to_token, pool))
             out = runner.replay(batch, dp_batch_size=dp_bs)
-            spec_in = (mp.bf16_oracle_inputs(world, weights) if dtype_name == "bfloat16"
-                       else (world, weights))
-            want = mp.run_jax(spec_in[0], ref_cfg, spec_in[1])
-            got = {"hidden": out.hidden.float().cpu().numpy(),
-                   "logits": out.logits.float().cpu().numpy()}
-            errors = {n: _relative(got[n], want[n]) for n in got}
-            rows.append({"check": "graph", "name": f"{mode.lower()}-bs{real_bs}-in-{dp_bs}",
-                         "tbo": tbo, "errors": errors, "error": max(errors.values()),
-                         "expert_load_equal": bool(np.array_equal(
-                             out.expert_load.cpu().numpy(), want["expert_load"]))})
+            key = len(outputs)
+            outputs[key] = {"hidden": out.hidden.float().cpu().numpy(),
+                            "logits": out.logits.float().cpu().numpy(),
+                            "expert_load": out.expert_load.cpu().numpy()}
+            rows.append({"check": "graph", "mode": mode, "tbo": tbo, "outputs": key,
+                         "name": f"{mode.lower()}-bs{batch.batch_size}-in-{dp_bs}"})
         del runner
         torch.cuda.synchronize(device)
         dist.barrier()
@@ -409,6 +498,7 @@ def worker_main(argv) -> int:
                             flag_values=FLAGS)
     FLAGS(argv)
 
+    import numpy as np
     import torch
 
     from tbo_parity.parity_tests import model_parity as mp
@@ -420,7 +510,8 @@ def worker_main(argv) -> int:
     dtype = mp.TORCH_DTYPES[FLAGS.dtype]
     ref_cfg, torch_cfg, weights, _ = mp.make_models(0)
     report = {"rank": rank, "world_size": world_size, "device": str(device),
-              "torch": torch.__version__, "rows": []}
+              "dtype": FLAGS.dtype, "torch": torch.__version__, "rows": []}
+    outputs = {}  # row key -> the arrays compare_with_spec holds against the spec
     dispatchers = {}
     for key in FLAGS.dispatchers:
         layout, transport = key.split("/")
@@ -438,14 +529,18 @@ def worker_main(argv) -> int:
                                   rank=rank, world_size=world_size)
     for transport, dispatcher in dispatchers.items():
         model = MoEModel(torch_cfg, weights, dtype=dtype, device=device, dispatcher=dispatcher)
-        for row in check_model(model, ref_cfg, weights, dtype_name=FLAGS.dtype, rank=rank,
+        for row in check_model(model, ref_cfg, outputs, dtype_name=FLAGS.dtype, rank=rank,
                                world_size=world_size, only=FLAGS.scenarios):
             report["rows"].append(row | {"transport": transport})
         if FLAGS.graphs and not transport.endswith("/exact"):  # exact refuses capture
-            for row in check_graphs(model, ref_cfg, weights, dtype_name=FLAGS.dtype,
+            for row in check_graphs(model, ref_cfg, outputs, dtype_name=FLAGS.dtype,
                                     rank=rank, world_size=world_size):
                 report["rows"].append(row | {"transport": transport})
     report["seconds"] = time.time() - started
+    report["imported_jax"] = "jax" in sys.modules  # the spec runs in the launching process
+    np.savez(os.path.join(FLAGS.out_dir, f"rank{rank}.npz"),
+             **{f"{key}/{name}": array for key, arrays in outputs.items()
+                for name, array in arrays.items()})
     with open(os.path.join(FLAGS.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f, indent=1)
     shutdown(device)

@@ -15,14 +15,12 @@ import dataclasses
 import functools
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
-from tbo_parity.reference import model as ref_model
-from tbo_parity.reference import operations as ref_ops
-from tbo_parity.reference import split as spec
+# JAX is imported where the spec runs (run_jax, _jitted, supported_compile_options), not here:
+# an expert-parallel rank (parity_tests/ep_parity.py) builds its batches with this module but
+# runs only the PyTorch side, and importing JAX would cost it 2 s of CPU.
 from tbo_parity.reference.weights import ModelConfig as RefConfig
 from tbo_parity.reference.weights import init_weights
 from tbo_parity.torch_impl.attention import TboAttnBackend, TorchAttnBackend
@@ -39,6 +37,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def supported_compile_options(candidates: dict) -> dict:
     """The XLA options this jaxlib accepts (option names come and go between releases)."""
+    import jax
+
     kept = {}
     for name, value in candidates.items():
         try:
@@ -67,6 +67,11 @@ def fast_compile() -> dict:
 
 @functools.cache
 def _jitted(tbo: bool):
+    import jax
+
+    from tbo_parity.reference import model as ref_model
+    from tbo_parity.reference import operations as ref_ops
+
     if tbo:
         return jax.jit(ref_ops.forward_tbo, static_argnames=_STATIC + ("children", "executor"),
                        compiler_options=fast_compile())
@@ -263,6 +268,12 @@ def pad_world(world: World, num_padding: int) -> World:
 def run_jax(world: World, cfg: RefConfig, weights: dict, *, tbo: bool = False,
             executor=None) -> dict:
     """The JAX spec's outputs (plain, or TBO through reference.split's children)."""
+    import jax
+    import jax.numpy as jnp
+
+    from tbo_parity.reference import model as ref_model
+    from tbo_parity.reference import split as spec
+
     case = world.case
 
     def i32(x):

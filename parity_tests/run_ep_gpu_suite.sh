@@ -37,9 +37,9 @@ if [[ $STAGE == parity || $STAGE == all ]]; then
   fi
   timeout 200 python3 - /tmp/tbo-ep-parity "$OUT/ep-parity-worst.txt" <<'PY' || status=1
 import json, sys
-from tbo_parity.parity_tests.ep_parity import launch
+from tbo_parity.parity_tests.ep_parity import check_launch
 import os
-reps = launch(int(os.environ.get("NPROC", "2")), sys.argv[1],
+reps = check_launch(int(os.environ.get("NPROC", "2")), sys.argv[1],
               ["--device=cuda", "--dispatchers=packed/all_to_all,packed/exact,capacity/all_to_all,capacity/copy_engine", "--graphs"], timeout_s=180)
 bad = [(r["rank"], row) for r in reps for row in r["rows"]
        if row.get("error", 0) > 1e-5 or not row.get("expert_load_equal", True)

@@ -46,7 +46,7 @@ def test_expert_parallel_rows_group_every_rank_and_count_failures(monkeypatch):
         seen.update(nproc=nproc, args=args)
         return reports
 
-    monkeypatch.setattr(ep_parity, "launch", fake_launch)
+    monkeypatch.setattr(ep_parity, "check_launch", fake_launch)
     rows = {row["mode"]: row for row in cli.check_expert_parallel(2, "cpu")}
     assert seen == {"nproc": 2, "args": []}
     assert set(rows) == {"model all_to_all", "layer all_to_all"}
@@ -67,7 +67,7 @@ def test_a_launch_failure_is_a_failing_row(monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("rank 1 exited with 1\n--- rank 1 ---\nboom")
 
-    monkeypatch.setattr(ep_parity, "launch", failing)
+    monkeypatch.setattr(ep_parity, "check_launch", failing)
     (row,) = cli.check_expert_parallel(2, "cpu")
     assert row["mismatches"] == 1 and "rank 1 exited with 1" in row["failures"][0]
 

@@ -19,11 +19,12 @@ from tbo_parity.parity_tests.model_parity import BOUNDS
 
 LAUNCH_TIMEOUT_S = 240  # a 4-rank run takes about 40 s on a 2-core machine
 DISPATCHERS = sorted(ep_parity.DEFAULT_DISPATCHERS)  # layout/transport pairs a CPU run checks
-_launch = ep_parity.launch  # bound now: the launches run beside tests that monkeypatch it
+_launch = ep_parity.check_launch  # bound now: the launches run beside tests that monkeypatch it
 
 
 def _launched(nproc: int, args=()) -> list:
-    """``ep_parity.launch`` of ``nproc`` ranks with ``args``, as a background job runs it."""
+    """``ep_parity.check_launch`` of ``nproc`` ranks with ``args`` (the ranks, then the spec
+    in this process), as a background job runs it."""
     with tempfile.TemporaryDirectory(prefix=f"ep{nproc}-") as out_dir:
         return _launch(nproc, out_dir, args, timeout_s=LAUNCH_TIMEOUT_S,
                        base_env=background.environ(), stop=background.stopping)
@@ -50,6 +51,8 @@ def test_every_rank_reported(reports):
     n, reps = reports
     assert sorted(r["rank"] for r in reps) == list(range(n))
     assert all(r["world_size"] == n for r in reps)
+    # the ranks run the PyTorch side only; the spec runs once per batch in this process
+    assert not any(r["imported_jax"] for r in reps)
 
 
 def test_sharded_layer_equals_one_device(reports):
@@ -203,9 +206,9 @@ def test_two_gpus_both_transports_eager_and_graphs(tmp_path):
     replay (plain and TBO, DECODE and TARGET_VERIFY, every rank replaying the largest rank's
     graph) for every capturable one; the transports' layer outputs bit for bit equal within a
     layout."""
-    reps = ep_parity.launch(2, str(tmp_path), ["--device=cuda",
-                                               f"--dispatchers={','.join(GPU_DISPATCHERS)}",
-                                               "--graphs"], timeout_s=LAUNCH_TIMEOUT_S)
+    reps = ep_parity.check_launch(2, str(tmp_path), ["--device=cuda",
+                                                     f"--dispatchers={','.join(GPU_DISPATCHERS)}",
+                                                     "--graphs"], timeout_s=LAUNCH_TIMEOUT_S)
     for check in ("layer", "model", "graph"):
         rows = _rows(reps, check)
         want = {d for d in GPU_DISPATCHERS if check != "graph" or not d.endswith("/exact")}

@@ -406,7 +406,7 @@ def check_expert_parallel(nproc: int, device: str):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            reports = ep_parity.launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S)
+            reports = ep_parity.check_launch(nproc, tmp, args, timeout_s=EP_TIMEOUT_S)
         except RuntimeError as error:
             yield {"mode": f"{nproc} ranks", "kind": "ep", "cases": 1, "mismatches": 1,
                    "seconds": time.perf_counter() - start,
