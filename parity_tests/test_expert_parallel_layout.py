@@ -149,12 +149,27 @@ def test_a_wrong_source_offset_is_caught():
 # --- bad configuration ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,name", [((6, 4), "divisible"), ((0, 1), "num_experts"),
-                                       ((4, 0), "world_size"), ((4, True), "world_size"),
-                                       ((4.0, 2), "num_experts")])
-def test_check_layout_rejects(args, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("args,message", [
+    ((6, 4), r"^num_experts \(6\) must be divisible by world_size \(4\)$"),
+    ((0, 1), "^num_experts must be an int >= 1, got 0$"),
+    ((4, 0), "^world_size must be an int >= 1, got 0$"),
+    ((4, True), "^world_size must be an int >= 1, got True$"),
+    ((4.0, 2), "^num_experts must be an int >= 1, got 4.0$")])
+def test_check_layout_rejects_naming_the_argument(args, message):
+    with pytest.raises(ValueError, match=message):
         ep.check_layout(*args)
+
+
+def test_combine_from_back_reads_row_0_for_padding_pairs():
+    """A padding pair (id -1, weight 0) reads row 0 of ``back``, as documented: a row that is
+    there for every ``E`` and ``C``. Reading any other row would turn an infinity there into
+    NaN (0 * inf), and with one expert and one token there is no other row."""
+    back = torch.tensor([[[1.0, 2.0]], [[float("inf"), float("inf")]]])  # [E=2, C=1, H=2]
+    out = ep.combine_from_back(back, torch.tensor([[0.5, 0.0]]), torch.tensor([[0, -1]]))
+    assert torch.equal(out, torch.tensor([[0.5, 1.0]]))
+    one = ep.combine_from_back(torch.ones(1, 1, 2), torch.tensor([[0.0]]),
+                               torch.tensor([[-1]]))
+    assert torch.equal(one, torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize("kwargs,name", [

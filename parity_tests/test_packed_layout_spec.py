@@ -196,3 +196,74 @@ def test_the_packed_pieces_are_jit_and_vmap_able():
     assert sends.shape == (2, 2, CAPACITY * 4, h.shape[1]) and counts.shape == (2, 2, 4)
     row_of, ends = jax.jit(ep.packed_receive_map, static_argnums=1)(counts[0], sends.shape[2])
     assert row_of.shape == (2, sends.shape[2]) and ends.shape == (4,)
+
+
+def test_each_per_rank_function_returns_the_dtypes_its_docstring_names():
+    """Index maps are int32, whatever integer type the ids come in (int64 with x64 on), and
+    padding pairs (id -1) are -1 in every field of the map; a buffer keeps the dtype of the
+    rows it moves (bfloat16 stays bfloat16, not promoted by its zero fill); the combine sums
+    in the wider of the rows' and the weights' types (docs/model.md, "Expert parallelism")."""
+    ids = np.array([[0, 3], [-1, 1], [2, -1], [3, 0]], np.int64)  # C=4, K=2; N=2, E=4, L=2
+    pad = ids < 0
+    layout = {"num_ranks": 2, "num_experts": 4}
+    h = jnp.asarray(np.arange(12.0).reshape(4, 3), jnp.bfloat16)
+    with jax.enable_x64(True):
+        for field in ep.dispatch_slots(ids, 1, **layout):
+            assert field.dtype == jnp.int32 and np.all(np.asarray(field)[pad] == -1)
+        assert ep.dispatch_send_buffer(h, ids, **layout).dtype == jnp.bfloat16
+        dest, slot, counts = ep.packed_slots(ids, **layout)
+        assert (dest.dtype, slot.dtype, counts.dtype) == (jnp.int32,) * 3
+        assert np.all(np.asarray(dest)[pad] == -1) and np.all(np.asarray(slot)[pad] == -1)
+        send, send_counts = ep.packed_send_buffer(h, ids, **layout)
+        assert (send.dtype, send_counts.dtype) == (jnp.bfloat16, jnp.int32)
+        region = send.shape[1]
+        row_of, group_ends = ep.packed_receive_map(np.asarray(counts, np.int64), region)
+        assert (row_of.dtype, group_ends.dtype) == (jnp.int32, jnp.int32)
+        assert ep.packed_receive_buffer(send, row_of).dtype == jnp.bfloat16
+        assert ep.return_rows(send.reshape(-1, 3), row_of).dtype == jnp.bfloat16
+        w16 = jnp.full(ids.shape, 0.5, jnp.bfloat16)
+        assert ep.combine_packed(send, w16, dest, slot).dtype == jnp.bfloat16
+        wide = ep.combine_packed(send.astype(jnp.float64), w16.astype(jnp.float32), dest, slot)
+        assert wide.dtype == jnp.float64
+        assert ep.combine_packed(send, w16.astype(jnp.float32), dest, slot).dtype == \
+            jnp.float32
+        # with no expert per token (K = 0) the sum is empty: zeros, in that same wider type
+        none = np.zeros((4, 0), np.int32)
+        for back, w, want in ((send.astype(jnp.float64), none.astype(np.float32), jnp.float64),
+                              (send, none.astype(np.float32), jnp.float32)):
+            empty = ep.combine_packed(back, w, none, none)
+            assert empty.dtype == want and not np.asarray(empty).any()
+
+
+@pytest.mark.parametrize("layout", ["packed", "capacity"])
+def test_the_layout_argument_picks_the_layout_that_runs(layout):
+    """``layout`` chooses the computation, not only a name: the packed layout runs its
+    grouped matrix products (``ragged_dot``) over the real rows, the capacity layout a batched
+    matmul over every slot and none. Both give the same MoE (the one-device and mesh tests),
+    so only the program tells them apart: here on a one-device mesh and in the one-device
+    simulation of two ranks."""
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(4, 8)).astype(np.float32)
+    w = rng.random((4, 2)).astype(np.float32)
+    ids = np.array([[0, 1], [2, 3], [1, -1], [3, 0]], np.int32)
+    gate, up = (rng.normal(size=(4, 8, 6)).astype(np.float32) for _ in range(2))
+    down = rng.normal(size=(4, 6, 8)).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    programs = [
+        jax.make_jaxpr(functools.partial(ep.ep_routed_moe, mesh=mesh, axis_name="ep",
+                                         layout=layout))(h, w, ids, gate, up, down),
+        jax.make_jaxpr(functools.partial(ep.ep_routed_moe_on_one_device, num_ranks=2,
+                                         layout=layout))(h, w, ids, gate, up, down)]
+    for program in programs:
+        assert ("ragged_dot" in str(program)) == (layout == "packed")
+
+
+@pytest.mark.parametrize("build", [ep.dispatch_send_buffer, ep.packed_send_buffer],
+                         ids=["capacity", "packed"])
+def test_a_send_buffer_refuses_ids_with_another_row_count_than_h(build):
+    """One row of ``topk_ids`` per token of ``h``: a mismatch is refused naming both, before
+    a gather that would read past ``h`` (JAX clamps the index: a wrong buffer, silently)."""
+    h, ids = np.ones((3, 2), np.float32), np.zeros((4, 1), np.int32)
+    with pytest.raises(ValueError, match=r"^topk_ids must have one row per token of h \(3\), "
+                                         r"got \(4, 1\)$"):
+        build(h, ids, num_ranks=2, num_experts=2)
