@@ -507,3 +507,17 @@ def test_capture_points_the_children_at_the_plugins_counts(dp_harness):
                             dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="EXTEND"):
         plugin.capture_one_batch_size(extend, extend.num_tokens)
+
+
+@pytest.mark.parametrize("tbo", [False, True], ids=["plain", "tbo"])
+def test_without_sizes_the_runner_captures_the_default_sizes_up_to_64(parts, tbo):
+    """Neither ``max_bs`` nor ``batch_sizes`` given: the documented default, the default
+    capture sizes up to 64 (even ones under TBO), the same sizes as ``max_bs=64`` names."""
+    kwargs = dict(max_context_len=parts.max_context_len, padding_slot=parts.layout.padding_slot,
+                  padding_req_row=parts.layout.padding_req_row, tbo=tbo)
+    runner = CudaGraphRunner(parts.model, parts.pool.clone(), parts.req_to_token.clone(),
+                             **kwargs)
+    assert runner.captures.batch_sizes[-1] == 64
+    assert runner.captures.batch_sizes == CudaGraphRunner(
+        parts.model, parts.pool.clone(), parts.req_to_token.clone(), max_bs=64,
+        **kwargs).captures.batch_sizes

@@ -112,7 +112,9 @@ class CudaGraphRunner:
     ``padding_req_row`` (a request row no request uses); the runner points every column of
     that row at the padding slot, so padding rows read and write only that slot.
     ``make_attn_backend`` builds the attention of each (micro-)batch: the reference
-    ``TorchAttnBackend`` by default, ``SdpaAttnBackend`` for real contexts.
+    ``TorchAttnBackend`` by default, ``SdpaAttnBackend`` for real contexts. The graphs are
+    captured for the default sizes up to ``max_bs`` (64 unless given:
+    ``replay_plan.default_capture_batch_sizes``), or for exactly ``batch_sizes``.
     """
 
     def __init__(self, model: MoEModel, kv_pool: KVPool, req_to_token: torch.Tensor, *,
