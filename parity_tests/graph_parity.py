@@ -116,10 +116,7 @@ class GraphHarness:
         return self._snapshot(self.runner.eager(self.batch(world)))
 
     def run_spec(self, world: mp.World) -> dict:
-        weights = self.weights
-        if self.dtype_name == "bfloat16":
-            world, weights = mp.bf16_oracle_inputs(world, weights)
-        return mp.run_jax(world, self.ref_cfg, weights)
+        return mp.run_oracle(world, self.ref_cfg, self.weights, self.dtype_name)
 
 
 # The bound each comparison is held to (max|x - y| / max|y| per tensor, model_parity's metric).

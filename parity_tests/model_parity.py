@@ -395,6 +395,14 @@ def relative_errors(got: dict, want: dict, rows: Optional[slice] = None,
 BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # justified in parity_tests/test_model_parity.py
 
 
+def run_oracle(world: World, cfg: RefConfig, weights: dict, dtype_name: str) -> dict:
+    """The plain spec's outputs as the oracle of a ``dtype_name`` model: for bfloat16 the
+    float32 spec fed the bf16-rounded weights and cache (``bf16_oracle_inputs``)."""
+    if dtype_name == "bfloat16":
+        world, weights = bf16_oracle_inputs(world, weights)
+    return run_jax(world, cfg, weights)
+
+
 def compare_case(world: World, ref_cfg: RefConfig, weights: dict, model: MoEModel,
                  dtype_name: str) -> dict:
     """Every comparison of one scenario: torch plain vs JAX, torch TBO vs torch plain, torch TBO

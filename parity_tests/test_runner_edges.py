@@ -513,11 +513,7 @@ def test_capture_points_the_children_at_the_plugins_counts(dp_harness):
 def test_without_sizes_the_runner_captures_the_default_sizes_up_to_64(parts, tbo):
     """Neither ``max_bs`` nor ``batch_sizes`` given: the documented default, the default
     capture sizes up to 64 (even ones under TBO), the same sizes as ``max_bs=64`` names."""
-    kwargs = dict(max_context_len=parts.max_context_len, padding_slot=parts.layout.padding_slot,
-                  padding_req_row=parts.layout.padding_req_row, tbo=tbo)
-    runner = CudaGraphRunner(parts.model, parts.pool.clone(), parts.req_to_token.clone(),
-                             **kwargs)
+    runner = _build(parts, batch_sizes=None, tbo=tbo)
     assert runner.captures.batch_sizes[-1] == 64
-    assert runner.captures.batch_sizes == CudaGraphRunner(
-        parts.model, parts.pool.clone(), parts.req_to_token.clone(), max_bs=64,
-        **kwargs).captures.batch_sizes
+    assert runner.captures.batch_sizes == \
+        _build(parts, batch_sizes=None, max_bs=64, tbo=tbo).captures.batch_sizes
